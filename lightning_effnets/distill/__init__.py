@@ -1,0 +1,3 @@
+"""Knowledge-distillation building blocks (kernels, losses)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Optimizers for efficient networks."""
+
+__all__: list[str] = []

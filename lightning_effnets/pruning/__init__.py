@@ -1,0 +1,3 @@
+"""Structural channel pruning: importance criteria, dependency-aware surgery, schedules."""
+
+__all__: list[str] = []
