@@ -97,10 +97,11 @@ class CostReport:
         t = Table(title=title)
         t.add_column("metric")
         t.add_column("value", justify="right")
-        for name, unit, scale in [("macs", "M", 1e-6), ("params", "M", 1e-6), ("mults", "M", 1e-6),
-                                  ("adds", "M", 1e-6), ("binary_ops", "M", 1e-6), ("energy_pj", "uJ", 1e-6),
-                                  ("latency_ms", "ms", 1.0)]:
-            t.add_row(f"{name} [{unit}]", f"{getattr(self, name) * scale:,.3f}")
+        for attr, label, scale in [("macs", "MACs [M]", 1e-6), ("params", "params [M]", 1e-6),
+                                   ("mults", "multiplications [M]", 1e-6), ("adds", "additions [M]", 1e-6),
+                                   ("binary_ops", "binary ops [M]", 1e-6), ("energy_pj", "energy [uJ]", 1e-6),
+                                   ("latency_ms", "latency [ms]", 1.0)]:
+            t.add_row(label, f"{getattr(self, attr) * scale:,.3f}")
         return t
 
 

@@ -18,12 +18,24 @@ Nothing here names a method: that is what lets any method attach to any task.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EffnetsTaskMixin"]
+__all__ = ["EffnetsTaskMixin", "OptimizerFactory", "SchedulerFactory", "default_optimizer"]
+
+#: ``params -> Optimizer`` (what LightningCLI's ``OptimizerCallable`` gives from YAML ``class_path``/``init_args``).
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+#: ``optimizer -> LRScheduler`` (LightningCLI's ``LRSchedulerCallable``).
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
+    """AdamW(lr=1e-3, weight_decay=0.05): a robust default for training small models from scratch."""
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
 
 
 class EffnetsTaskMixin:
@@ -63,6 +75,65 @@ class EffnetsTaskMixin:
                 log(f"train/aux/{name}", value.detach(), on_step=True, on_epoch=True)
         losses.clear()
         return total
+
+    # ----------------------------------------------------------------- optimisation
+    def init_optimization(
+        self,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        no_weight_decay_norm_bias: bool = True,
+    ) -> None:
+        """Record how :meth:`configure_optimizers` builds the optimizer (call from ``__init__``).
+
+        ``scheduler`` (a callable, e.g. from YAML) wins over ``lr_schedule``; ``"cosine"`` decays the
+        learning rate to 0 over ``trainer.estimated_stepping_batches`` after a linear warm-up.
+        """
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.optimizer_factory = optimizer or default_optimizer
+        self.scheduler_factory = scheduler
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = warmup_steps
+        self.no_weight_decay_norm_bias = no_weight_decay_norm_bias
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """All trainable parameters of the module (callbacks may have added some), in two groups:
+        weights with weight decay, and (if ``no_weight_decay_norm_bias``) 1-D tensors without."""
+        decay, no_decay = [], []
+        for p in self.parameters():  # type: ignore[attr-defined]
+            if not p.requires_grad:
+                continue
+            (no_decay if self.no_weight_decay_norm_bias and p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        if not hasattr(self, "optimizer_factory"):
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call self.init_optimization(...)")
+        optimizer = self.optimizer_factory(self.optimizer_param_groups())
+        if self.scheduler_factory is not None:
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)  # type: ignore[attr-defined]
+        warmup, cosine = self.warmup_steps, self.lr_schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- side information
     def side_information(self, batch: Any) -> dict[str, Any]:
