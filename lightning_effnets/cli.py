@@ -94,7 +94,7 @@ def main(args: list[str] | None = None) -> EffnetsCLI | None:
     argv = _resolve_config_args(argv)
     if args is None:  # LightningCLI reads sys.argv itself; give it the resolved recipe paths
         sys.argv = sys.argv[:1] + argv
-    return EffnetsCLI(
+    cli = EffnetsCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -103,6 +103,19 @@ def main(args: list[str] | None = None) -> EffnetsCLI | None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
+    _finish_wandb_runs(cli)
+    return cli
+
+
+def _finish_wandb_runs(cli: LightningCLI) -> None:
+    """Close W&B runs so the offline run is complete on disk and a second ``main()`` starts a new run
+    (WandbLogger would otherwise silently reuse the still-open run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    trainer = getattr(cli, "trainer", None)
+    for logger in getattr(trainer, "loggers", []):
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
 
 
 def entry_point() -> int:
