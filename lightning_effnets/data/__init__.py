@@ -1,6 +1,8 @@
 """LightningDataModules: embedded real data or procedural generators, plus readers for standard formats."""
 
+from lightning_effnets.data.coco import CocoDetectionDataModule
 from lightning_effnets.data.digits import DigitsDataModule
 from lightning_effnets.data.image_folder import ImageFolderDataModule
+from lightning_effnets.data.shapes_detection import ShapesDetectionDataModule
 
-__all__ = ["DigitsDataModule", "ImageFolderDataModule"]
+__all__ = ["DigitsDataModule", "ImageFolderDataModule", "CocoDetectionDataModule", "ShapesDetectionDataModule"]

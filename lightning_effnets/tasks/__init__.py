@@ -2,5 +2,6 @@
 
 from lightning_effnets.tasks.base import EffnetsTaskMixin
 from lightning_effnets.tasks.classification import ImageClassifier
+from lightning_effnets.tasks.detection import ObjectDetector
 
-__all__ = ["EffnetsTaskMixin", "ImageClassifier"]
+__all__ = ["EffnetsTaskMixin", "ImageClassifier", "ObjectDetector"]
