@@ -1,3 +1,10 @@
 """Efficient layers with functional cores; no Lightning import here."""
 
-__all__: list[str] = []
+from lightning_effnets.layers.activations import PowerActivation
+from lightning_effnets.layers.adder import Adder2d, SelfShortcut, adder2d
+from lightning_effnets.layers.binary import (BinaryConv2d, BinaryLinear, RPReLU, RSign, approx_sign, binarize,
+                                             binary_parameters, is_binary, mark_binary, sign_ste)
+
+__all__: list[str] = ["Adder2d", "PowerActivation", "SelfShortcut", "adder2d",
+                     "BinaryConv2d", "BinaryLinear", "RPReLU", "RSign", "approx_sign", "binarize",
+                     "binary_parameters", "is_binary", "mark_binary", "sign_ste"]
