@@ -1,5 +1,6 @@
 """The public Lightning face of every method: one callback (or a small family) per file."""
 
 from lightning_effnets.callbacks.cost import CostReport
+from lightning_effnets.callbacks.pruning import ChannelPruning
 
-__all__ = ["CostReport"]
+__all__ = ["ChannelPruning", "CostReport"]

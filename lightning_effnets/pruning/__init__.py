@@ -1,3 +1,20 @@
 """Structural channel pruning: importance criteria, dependency-aware surgery, schedules."""
 
-__all__: list[str] = []
+from lightning_effnets.pruning.graph import ChannelItem, PrunableGroup, build_graph, prunable_groups
+from lightning_effnets.pruning.importance import (BNScaleCriterion, Criterion, MagnitudeCriterion, TaylorCriterion,
+                                                  available_criteria, build_criterion, register_criterion)
+from lightning_effnets.pruning.layers import channel_rows, layer_kind, register_layer, registered_layers
+from lightning_effnets.pruning.optim import remap_optimizer
+from lightning_effnets.pruning.pruner import StructuredPruner, prune
+from lightning_effnets.pruning.record import (PruningRecord, attach_record, get_record, load_pruned, replay,
+                                              restore_structure)
+from lightning_effnets.pruning.schedule import PruningSchedule
+from lightning_effnets.pruning.surgery import ParamChange, apply_decisions
+
+__all__: list[str] = [
+    "BNScaleCriterion", "ChannelItem", "Criterion", "MagnitudeCriterion", "ParamChange", "PrunableGroup",
+    "PruningRecord", "PruningSchedule", "StructuredPruner", "TaylorCriterion", "apply_decisions", "attach_record",
+    "available_criteria", "build_criterion", "build_graph", "channel_rows", "get_record", "layer_kind", "load_pruned",
+    "prunable_groups", "prune", "register_criterion", "register_layer", "registered_layers", "remap_optimizer",
+    "replay", "restore_structure",
+]

@@ -1,0 +1,168 @@
+"""Dependency graph and pruning groups: a thin layer over Torch-Pruning's ``DependencyGraph`` (arXiv:2301.12900).
+
+Torch-Pruning traces the model once and, for any channel of any layer, returns the *group* of coupled slices
+that must go with it (the BN after a conv, the next conv's input columns, every branch of a residual add, the
+inputs of a concatenation, depthwise convs). This module builds that graph with the project's layer registry,
+restores the train/eval mode that tracing changes, and turns Torch-Pruning groups into plain
+:class:`ChannelItem` lists that importance criteria read without touching Torch-Pruning internals.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_effnets.pruning.layers import layer_kind, registered_layers
+
+__all__ = ["ChannelItem", "PrunableGroup", "build_graph", "forward", "prunable_groups", "resolve_modules",
+           "root_module_types"]
+
+
+def forward(model: nn.Module, example_input: Any) -> Any:
+    """Run ``model`` on ``example_input`` (a tensor, a tuple of positional inputs or a dict of keyword inputs)."""
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+def root_module_types() -> tuple[type[nn.Module], ...]:
+    """Layer types whose output channels start a pruning group: convolutions, linear layers, registered ones."""
+    extra = tuple(t for t, s in registered_layers().items() if s.kind in ("conv", "linear"))
+    return (nn.modules.conv._ConvNd, nn.Linear) + extra
+
+
+def build_graph(model: nn.Module, example_input: Any) -> tp.DependencyGraph:
+    """Trace ``model`` into a Torch-Pruning ``DependencyGraph`` that knows the registered layers.
+
+    Tracing runs one forward in eval mode with autograd on (Torch-Pruning reads the autograd graph); the
+    model's train/eval mode is restored afterwards.
+    """
+    customized = {t: s.pruner for t, s in registered_layers().items() if s.pruner is not None}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input, forward_fn=forward, customized_pruners=customized or None,
+                verbose=False)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return graph
+
+
+@dataclass(frozen=True)
+class ChannelItem:
+    """One layer's share of a pruning group: removing root channel ``root_idxs[j]`` removes this layer's
+    output (``is_out``) or input channel ``idxs[j]``."""
+
+    name: str
+    module: nn.Module
+    is_out: bool
+    idxs: tuple[int, ...]
+    root_idxs: tuple[int, ...]
+
+
+@dataclass
+class PrunableGroup:
+    """A group of coupled channels, identified by its root layer (the layer whose output channels define it)."""
+
+    root: str
+    channels: int  # current output channels of the root
+    channel_groups: int  # >1 for grouped convs / GroupNorm: channels are removed evenly from every group
+    items: list[ChannelItem]
+    members: list[str]  # layers whose output channels the group removes
+
+    @property
+    def slots(self) -> int:
+        """Channels per channel group: what importance is ranked over."""
+        return self.channels // self.channel_groups
+
+
+def _channel_groups(graph: tp.DependencyGraph, group: Any) -> int:
+    """Largest channel grouping among the group's layers (Torch-Pruning's convention; depthwise excluded)."""
+    result = 1
+    for dep, _ in group:
+        module = dep.target.module
+        if not isinstance(module, nn.Module):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None:
+            continue
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            count = pruner.get_out_channel_groups(module)
+        else:
+            count = pruner.get_in_channel_groups(module)
+        result = max(result, int(count or 1))
+    return result
+
+
+def _items(graph: tp.DependencyGraph, group: Any) -> list[ChannelItem]:
+    names = graph._module2name
+    items = []
+    for item in group:
+        module = item.dep.target.module
+        if not isinstance(module, nn.Module) or layer_kind(module) is None:
+            continue
+        root_idxs = item.root_idxs
+        if root_idxs is None or any(r is None for r in root_idxs):
+            continue
+        items.append(ChannelItem(name=names.get(module, ""), module=module,
+                                 is_out=graph.is_out_channel_pruning_fn(item.dep.handler),
+                                 idxs=tuple(int(i) for i in item.idxs), root_idxs=tuple(int(r) for r in root_idxs)))
+    return items
+
+
+def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module] = ()) -> Iterator[PrunableGroup]:
+    """Every group whose root is a conv/linear layer and that changes no ignored layer's output channels."""
+    ignored_list = list(ignored)
+    names = graph._module2name
+    for group in graph.get_all_groups(ignored_layers=ignored_list, root_module_types=root_module_types()):
+        root = group[0].dep.target.module
+        channels = graph.get_out_channels(root)
+        if not channels:
+            continue
+        members = [names[dep.target.module] for dep, _ in group
+                   if isinstance(dep.target.module, nn.Module) and graph.is_out_channel_pruning_fn(dep.handler)
+                   and dep.target.module in names]
+        ch_groups = _channel_groups(graph, group)
+        if channels % ch_groups:
+            continue
+        yield PrunableGroup(root=names[root], channels=int(channels), channel_groups=ch_groups,
+                            items=_items(graph, group), members=members)
+
+
+def resolve_modules(model: nn.Module, layers: Iterable[str | nn.Module | type] | None) -> list[nn.Module]:
+    """Modules named by ``layers``: qualified names or glob patterns (``"layer4.*"``), module instances, or
+    layer types. Every submodule of a match is included. A pattern that matches nothing is an error (typos
+    would otherwise silently prune a layer that was meant to be kept)."""
+    if not layers:
+        return []
+    named = dict(model.named_modules())
+    found: dict[int, nn.Module] = {}
+    for spec in layers:
+        if isinstance(spec, nn.Module):
+            matches = [spec]
+        elif isinstance(spec, type):
+            matches = [m for m in named.values() if isinstance(m, spec)]
+        elif isinstance(spec, str):
+            matches = [m for name, m in named.items() if name and (name == spec or fnmatch.fnmatchcase(name, spec))]
+        else:
+            raise TypeError(f"ignored layer {spec!r} must be a module name/pattern, a module or a module type")
+        if not matches:
+            examples = ", ".join(n for n in list(named)[1:6])
+            raise ValueError(f"ignored layer {spec!r} matches no module of {type(model).__name__} "
+                             f"(names look like: {examples}, ...)")
+        for match in matches:
+            for sub in match.modules():
+                found[id(sub)] = sub
+    return list(found.values())

@@ -1,0 +1,111 @@
+"""Removing channels, and knowing afterwards where every surviving weight came from.
+
+Torch-Pruning replaces each pruned parameter by a *new* ``nn.Parameter`` holding the surviving entries, which
+is why a training loop around it breaks: the optimizer still holds the old tensors (and their momentum / Adam
+moments). Surgery here is pure index selection, so :func:`apply_decisions` runs it on *index tensors*: every
+parameter temporarily holds ``arange(numel)`` (float64, exact up to 2**53 entries), and afterwards each new
+parameter's content is the flat position, in the old parameter, of each surviving entry. That mapping
+(:class:`ParamChange`) restores the real values and slices any tensor shaped like the old parameter (gradients,
+optimizer state) exactly as the weights were sliced, for every layer type and pruner, including chains such as
+grouped convolutions or the project's own layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from lightning_effnets.pruning.planning import Decision
+
+__all__ = ["ParamChange", "apply_decisions"]
+
+
+@dataclass
+class ParamChange:
+    """``new`` replaced ``old``; ``index[j]`` is the flat position in ``old`` of flat entry ``j`` of ``new``."""
+
+    name: str
+    old: nn.Parameter
+    new: nn.Parameter
+    index: Tensor
+
+    def slice(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (shaped like the old parameter) sliced the way the parameter was."""
+        if tensor.shape != self.old.shape:
+            raise ValueError(f"cannot slice a tensor of shape {tuple(tensor.shape)} like parameter {self.name!r} "
+                             f"of shape {tuple(self.old.shape)}")
+        return tensor.reshape(-1)[self.index.to(tensor.device)].view(self.new.shape)
+
+
+class _IndexTags:
+    """Context manager: parameters hold their flat indices inside, real values are restored on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.changes: dict[nn.Parameter, ParamChange] = {}
+
+    def __enter__(self) -> _IndexTags:
+        self.saved: list[tuple[list[str], nn.Parameter, Tensor, Tensor | None]] = []
+        by_id: dict[int, int] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in by_id:
+                self.saved[by_id[id(p)]][0].append(name)
+                continue
+            by_id[id(p)] = len(self.saved)
+            self.saved.append(([name], p, p.data, p.grad))
+        with torch.no_grad():
+            for _, p, data, _ in self.saved:
+                p.grad = None
+                p.data = torch.arange(p.numel(), dtype=torch.float64, device=data.device).view(data.shape)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for names, old, data, grad in self.saved:
+                old.data = data
+                old.grad = grad
+                replacements = {id(p): p for p in (self._get(n) for n in names) if p is not None and p is not old}
+                if len(replacements) > 1:
+                    raise RuntimeError(f"tied parameter {names} was replaced by different tensors during pruning")
+                if not replacements:
+                    continue
+                new = next(iter(replacements.values()))
+                index = new.data.to(torch.long).reshape(-1)
+                new.data = data.reshape(-1)[index].view(new.shape).clone()
+                new.requires_grad_(old.requires_grad)
+                new.grad = None if grad is None else grad.reshape(-1)[index].view(new.shape).clone()
+                self.changes[old] = ParamChange(name=names[0], old=old, new=new, index=index)
+
+    def _get(self, name: str) -> nn.Parameter | None:
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError:
+            return None
+
+
+def apply_decisions(model: nn.Module, graph: tp.DependencyGraph, decisions: Sequence[Decision]
+                    ) -> dict[nn.Parameter, ParamChange]:
+    """Remove the decided output channels of each root layer (and everything coupled to them).
+
+    ``graph`` must have been built on ``model``. Returns old parameter -> :class:`ParamChange` for every
+    parameter that was replaced; untouched parameters keep their identity.
+    """
+    if not decisions:
+        return {}
+    names = {name: module for name, module in model.named_modules()}
+    with _IndexTags(model) as tags:
+        for root, idxs in decisions:
+            if root not in names:
+                raise KeyError(f"pruning decision names layer {root!r}, which {type(model).__name__} does not have")
+            module = names[root]
+            pruner = graph.get_pruner_of_module(module)
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(idxs))
+            if not graph.check_pruning_group(group):
+                raise RuntimeError(f"removing {len(idxs)} channels of {root!r} would remove every channel of a "
+                                   "coupled layer")
+            group.prune(record_history=False)
+    return tags.changes
