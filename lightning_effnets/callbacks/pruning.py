@@ -12,6 +12,9 @@ training correct afterwards:
   ``lightning_effnets.pruning.load_pruned(TaskClass, path)`` loads a pruned checkpoint into a fresh module;
 * MACs, parameters and measured latency before/after each step go to the loggers and to a rich table.
 
+Under ``ddp_spawn``/``ddp_fork`` Lightning copies the final weights back into the main process's module, which
+the callback never sees: call ``lightning_effnets.pruning.restore_on_load(task.model)`` before ``fit`` there.
+
 Network slimming (arXiv:1708.06519): ``sparsity=s`` adds ``s * sign(gamma)`` to the gradient of every BN-like
 scale of a prunable group once per optimizer step (after accumulation and all-reduce) until the last pruning
 step; use it with ``criterion="bn_scale"``.
@@ -36,7 +39,7 @@ from lightning_effnets.pruning.importance import Criterion
 from lightning_effnets.pruning.layers import layer_kind
 from lightning_effnets.pruning.optim import remap_optimizer
 from lightning_effnets.pruning.pruner import LayerSpec, StructuredPruner, default_output_modules
-from lightning_effnets.pruning.record import PruningRecord, attach_record, get_record, input_spec
+from lightning_effnets.pruning.record import PruningRecord, get_record, restore_on_load
 from lightning_effnets.pruning.schedule import PruningSchedule
 
 __all__ = ["ChannelPruning"]
@@ -136,8 +139,7 @@ class ChannelPruning(pl.Callback):
         model = self._network(pl_module)
         self._model = model
         example = self._example(pl_module, model)
-        if get_record(model) is None:  # the hook that restores the pruned structure when a checkpoint loads
-            attach_record(model, PruningRecord(input=input_spec(example)))
+        restore_on_load(model)  # a checkpoint's pruned structure is re-applied before its weights load
         if stage != "fit":
             return
         if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
@@ -238,7 +240,7 @@ class ChannelPruning(pl.Callback):
                 metrics[f"{key}_ratio"] = figures[key] / before
         metrics = {f"effnets/pruning/{k}": v for k, v in metrics.items() if v == v}
         if pl_module._trainer is not None:
-            pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True)
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     @rank_zero_only
     def _print(self, figures: dict[str, float], epoch: int) -> None:
@@ -271,6 +273,6 @@ class ChannelPruning(pl.Callback):
         saved = state_dict.get("record")
         if self._model is not None and saved is not None:
             current = get_record(self._model)
-            if current is None or current != PruningRecord.from_dict(saved):
+            if (current.steps if current is not None else []) != PruningRecord.from_dict(saved).steps:
                 raise RuntimeError("ChannelPruning: the model's pruned structure does not match the checkpoint's "
                                    "record; was the model's state dict loaded without its pruning metadata?")

@@ -7,7 +7,7 @@ from lightning_effnets.pruning.layers import channel_rows, layer_kind, register_
 from lightning_effnets.pruning.optim import remap_optimizer
 from lightning_effnets.pruning.pruner import StructuredPruner, prune
 from lightning_effnets.pruning.record import (PruningRecord, attach_record, get_record, load_pruned, replay,
-                                              restore_structure)
+                                              restore_on_load, restore_structure)
 from lightning_effnets.pruning.schedule import PruningSchedule
 from lightning_effnets.pruning.surgery import ParamChange, apply_decisions
 
@@ -16,5 +16,5 @@ __all__: list[str] = [
     "PruningRecord", "PruningSchedule", "StructuredPruner", "TaylorCriterion", "apply_decisions", "attach_record",
     "available_criteria", "build_criterion", "build_graph", "channel_rows", "get_record", "layer_kind", "load_pruned",
     "prunable_groups", "prune", "register_criterion", "register_layer", "registered_layers", "remap_optimizer",
-    "replay", "restore_structure",
+    "replay", "restore_on_load", "restore_structure",
 ]

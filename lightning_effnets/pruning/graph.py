@@ -126,7 +126,11 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module] = ()
     """Every group whose root is a conv/linear layer and that changes no ignored layer's output channels."""
     ignored_list = list(ignored)
     names = graph._module2name
+    custom = tuple(t for t, s in registered_layers().items() if s.pruner is not None)
     for group in graph.get_all_groups(ignored_layers=ignored_list, root_module_types=root_module_types()):
+        if any(isinstance(dep.target.module, custom) and int(getattr(dep.target.module, "groups", 1)) > 1
+               for dep, _ in group):
+            continue  # grouped custom layers: no depthwise coupling in Torch-Pruning for them
         root = group[0].dep.target.module
         channels = graph.get_out_channels(root)
         if not channels:

@@ -151,10 +151,24 @@ class TaylorCriterion(Criterion):
     def __init__(self) -> None:
         self._sums: dict[nn.Parameter, Tensor] = {}
         self._steps = 0
+        self._model: nn.Module | None = None
+        self._pending: dict[str, Tensor] = {}  # loaded from a checkpoint, matched to parameters by name
+
+    def setup(self, model: nn.Module) -> None:
+        self._model = model
+
+    def _resolve(self) -> None:
+        if self._pending and self._model is not None:
+            params = dict(self._model.named_parameters())
+            for name, value in self._pending.items():
+                if name in params and params[name].shape == value.shape:
+                    self._sums[params[name]] = value.to(params[name].device)
+            self._pending = {}
 
     @torch.no_grad()
     def accumulate(self, model: nn.Module) -> None:
         """Add the current gradients of ``model`` to the running sums."""
+        self._resolve()
         for p in model.parameters():
             if p.grad is None:
                 continue
@@ -169,7 +183,20 @@ class TaylorCriterion(Criterion):
 
     def on_pruned(self, model: nn.Module) -> None:
         self._sums.clear()
+        self._pending = {}
         self._steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Gradient sums by parameter name, so a resumed run scores exactly like an uninterrupted one."""
+        self._resolve()
+        names = {p: n for n, p in self._model.named_parameters()} if self._model is not None else {}
+        sums = {names[p]: v.detach().cpu() for p, v in self._sums.items() if p in names}
+        return {"steps": self._steps, "sums": sums}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._steps = int(state.get("steps", 0))
+        self._sums = {}
+        self._pending = dict(state.get("sums", {}))
 
     @property
     def steps(self) -> int:
@@ -177,6 +204,7 @@ class TaylorCriterion(Criterion):
         return self._steps
 
     def _gradient(self, p: nn.Parameter) -> Tensor | None:
+        self._resolve()
         if p in self._sums:
             return self._sums[p] / max(self._steps, 1)
         return p.grad

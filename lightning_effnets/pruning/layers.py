@@ -12,8 +12,9 @@ op, so its channels would silently never be pruned (or, worse, its parameters wo
 Pruners must only *select* entries (``index_select``): :mod:`lightning_effnets.pruning.surgery` runs them on
 index tensors to learn which entries survived, so that optimizer state can be sliced the same way.
 
-The project's layers (``Adder2d``, ``BinaryConv2d``, ``CameraBatchNorm2d``) are registered at the bottom of this
-module.
+The project's layers (``Adder2d``, ``BinaryConv2d``/``BinaryLinear``, ``CameraBatchNorm2d``/``1d``) are registered
+at the bottom of this module. Groups that touch a *grouped* registered layer are not pruned (Torch-Pruning's
+depthwise coupling only exists for its own conv pruner).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch_pruning.pruner.function import BasePruningFunc
+from torch_pruning.pruner.function import BasePruningFunc, ConvPruner, LinearPruner
 
 __all__ = ["LayerKind", "LayerSupport", "register_layer", "registered_layers", "layer_kind", "channel_rows",
-           "ConvLikePruner", "CameraBatchNormPruner"]
+           "ConvLikePruner", "ScaledConvPruner", "ScaledLinearPruner",
+           "CameraBatchNormPruner"]
 
 LayerKind = Literal["conv", "linear", "norm"]
 
@@ -180,27 +182,59 @@ class CameraBatchNormPruner(BasePruningFunc):
         return int(layer.num_features)
 
 
+class ScaledConvPruner(ConvPruner):
+    """``nn.Conv2d`` subclasses with a per-output-channel ``scale`` parameter (the binary layers' alpha)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        scale = getattr(layer, "scale", None)
+        keep = _keep(int(layer.out_channels), idxs)
+        super().prune_out_channels(layer, idxs)
+        if isinstance(scale, nn.Parameter):
+            layer.scale = self._prune_parameter_and_grad(scale, keep, 0)
+        return layer
+
+
+class ScaledLinearPruner(LinearPruner):
+    """``nn.Linear`` subclasses with a per-output ``scale`` parameter."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        scale = getattr(layer, "scale", None)
+        keep = _keep(int(layer.out_features), idxs)
+        super().prune_out_channels(layer, idxs)
+        if isinstance(scale, nn.Parameter):
+            layer.scale = self._prune_parameter_and_grad(scale, keep, 0)
+        return layer
+
+
+def _import(module: str, name: str) -> type[nn.Module] | None:
+    """The class, or None when its module is not part of this installation."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as error:
+        if error.name == module:
+            return None
+        raise
+
+
 def _register_project_layers() -> None:
-    """Register the project's own layers that exist in this installation."""
-    try:
-        from lightning_effnets.layers.adder import Adder2d
-    except ImportError:
-        pass
-    else:
-        register_layer(Adder2d, "conv", None if isinstance(Adder2d, type) and issubclass(Adder2d, nn.Conv2d)
-                       else ConvLikePruner())
-    try:
-        from lightning_effnets.layers.binary import BinaryConv2d
-    except ImportError:
-        pass
-    else:
-        register_layer(BinaryConv2d, "conv", None if issubclass(BinaryConv2d, nn.Conv2d) else ConvLikePruner())
-    try:
-        from lightning_effnets.layers.camera_bn import CameraBatchNorm2d
-    except ImportError:
-        pass
-    else:
-        register_layer(CameraBatchNorm2d, "norm", CameraBatchNormPruner())
+    """Register the project's own layers (the single place that knows how to prune them)."""
+    adder = _import("lightning_effnets.layers.adder", "Adder2d")
+    if adder is not None:
+        register_layer(adder, "conv", ConvLikePruner())
+    binary_conv = _import("lightning_effnets.layers.binary", "BinaryConv2d")
+    if binary_conv is not None:
+        register_layer(binary_conv, "conv", ScaledConvPruner())
+    binary_linear = _import("lightning_effnets.layers.binary", "BinaryLinear")
+    if binary_linear is not None:
+        register_layer(binary_linear, "linear", ScaledLinearPruner())
+    camera_bn = _import("lightning_effnets.layers.camera_bn", "CameraBatchNorm2d")
+    if camera_bn is not None:
+        register_layer(camera_bn, "norm", CameraBatchNormPruner())
+    camera_bn1d = _import("lightning_effnets.layers.camera_bn", "CameraBatchNorm1d")
+    if camera_bn1d is not None:
+        register_layer(camera_bn1d, "norm", CameraBatchNormPruner())
 
 
 _register_project_layers()

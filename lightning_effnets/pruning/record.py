@@ -29,12 +29,13 @@ from lightning_effnets.pruning.graph import build_graph
 from lightning_effnets.pruning.planning import Decision
 from lightning_effnets.pruning.surgery import apply_decisions
 
-__all__ = ["PruningRecord", "attach_record", "get_record", "replay", "restore_structure", "load_pruned",
-           "METADATA_KEY"]
+__all__ = ["PruningRecord", "attach_record", "get_record", "replay", "restore_on_load", "restore_structure",
+           "load_pruned", "METADATA_KEY"]
 
 #: key of the record in a module's state-dict metadata
 METADATA_KEY = "effnets_pruning"
 _ATTR = "_effnets_pruning_record"
+_HOOKED = "_effnets_pruning_hooked"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
                                torch.uint8, torch.bool)}
 
@@ -124,20 +125,28 @@ def _bring_to(module: nn.Module, data: dict[str, Any] | None, where: str) -> Non
                            "e.g. lightning_effnets.pruning.load_pruned(ModuleClass, path)")
     if len(target.steps) > len(have):
         replay(module, target, start=len(have))
-        attach_record(module, target)
+    attach_record(module, target)
 
 
 def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
     _bring_to(module, local_metadata.get(METADATA_KEY), f"loading {prefix.rstrip('.') or 'model'}")
 
 
-def attach_record(model: nn.Module, record: PruningRecord) -> None:
-    """Store ``record`` on ``model`` and make its state dicts carry it (idempotent)."""
-    first = not hasattr(model, _ATTR)
-    object.__setattr__(model, _ATTR, record)
-    if first:
+def restore_on_load(model: nn.Module) -> nn.Module:
+    """Make ``model`` carry its pruning record in its state dicts and re-apply a recorded structure found in a
+    state dict it loads (idempotent). ``ChannelPruning`` does this in ``setup``; call it yourself on a module
+    that loads pruned weights outside a fit, e.g. the main process's module under ``ddp_spawn``."""
+    if not getattr(model, _HOOKED, False):
+        object.__setattr__(model, _HOOKED, True)
         model.register_state_dict_post_hook(_state_dict_hook)
         model.register_load_state_dict_pre_hook(_load_pre_hook)
+    return model
+
+
+def attach_record(model: nn.Module, record: PruningRecord) -> None:
+    """Store ``record`` on ``model`` as the structure it has, and make its state dicts carry it."""
+    object.__setattr__(model, _ATTR, record)
+    restore_on_load(model)
 
 
 def restore_structure(root: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> list[str]:

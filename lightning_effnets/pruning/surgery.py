@@ -77,6 +77,9 @@ class _IndexTags:
                 index = new.data.to(torch.long).reshape(-1)
                 new.data = data.reshape(-1)[index].view(new.shape).clone()
                 new.requires_grad_(old.requires_grad)
+                for attr, value in vars(old).items():  # markers such as a binary layer's "is ±1" flag
+                    if not hasattr(new, attr):
+                        setattr(new, attr, value)
                 new.grad = None if grad is None else grad.reshape(-1)[index].view(new.shape).clone()
                 self.changes[old] = ParamChange(name=names[0], old=old, new=new, index=index)
 
