@@ -6,6 +6,8 @@ from lightning_effnets.data.image_folder import ImageFolderDataModule
 from lightning_effnets.data.referring import RefCOCOStyleDataModule, Vocabulary
 from lightning_effnets.data.shapes_detection import ShapesDetectionDataModule
 from lightning_effnets.data.shapes_referring import ShapesReferringDataModule
+from lightning_effnets.data.super_resolution import ImageFolderSRDataModule, PhotoSRDataModule
 
 __all__ = ["DigitsDataModule", "ImageFolderDataModule", "CocoDetectionDataModule", "ShapesDetectionDataModule",
-           "RefCOCOStyleDataModule", "ShapesReferringDataModule", "Vocabulary"]
+           "RefCOCOStyleDataModule", "ShapesReferringDataModule", "Vocabulary",
+           "ImageFolderSRDataModule", "PhotoSRDataModule"]
