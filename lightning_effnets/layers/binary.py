@@ -117,7 +117,8 @@ def binarize(x: Tensor, estimator: str = "ste") -> Tensor:
 
 # --------------------------------------------------------------------------- marking binary parameters
 def mark_binary(param: nn.Parameter) -> nn.Parameter:
-    """Mark ``param`` as a ±1 parameter (the attribute survives ``.to()``, deepcopy and pickling)."""
+    """Mark ``param`` as a ±1 parameter (an attribute: it survives ``.to()`` and pickling; binary layers
+    re-mark their weight after ``copy.deepcopy``, which drops Parameter attributes)."""
     setattr(param, BINARY_ATTR, True)
     return param
 
@@ -176,6 +177,12 @@ class _BinaryMixin:
         if not latent:
             with torch.no_grad():
                 self.weight.copy_(_sign(self.weight))
+            mark_binary(self.weight)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy re-creates Parameters without their attributes: mark the ±1 weight again
+        super().__setstate__(state)  # type: ignore[misc]
+        if not self.latent:
             mark_binary(self.weight)
 
     def binary_weight(self) -> Tensor:
@@ -240,10 +247,11 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._conv_forward(self._binary_input(x), self.binary_weight(), self.bias)
-        if self.scale is not None:
-            y = y * self.scale.view(1, -1, 1, 1)
-        return y
+        """``scale * conv(binarize(x), W_b) + bias`` (the bias is added after the scale)."""
+        if self.scale is None:
+            return self._conv_forward(self._binary_input(x), self.binary_weight(), self.bias)
+        y = self._conv_forward(self._binary_input(x), self.binary_weight(), None) * self.scale.view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._extra_binary_repr()
@@ -274,10 +282,11 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(self._binary_input(x), self.binary_weight(), self.bias)
-        if self.scale is not None:
-            y = y * self.scale
-        return y
+        """``scale * binarize(x) @ W_b^T + bias``."""
+        if self.scale is None:
+            return F.linear(self._binary_input(x), self.binary_weight(), self.bias)
+        y = F.linear(self._binary_input(x), self.binary_weight()) * self.scale
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._extra_binary_repr()

@@ -19,7 +19,9 @@ sign), against three for ``SGD(momentum, foreach=True)``; ``bench/bop.py`` measu
 per-tensor path (``foreach=False``) computes the same ``q`` and flips with ``torch.where(w*q > 1, -w, w)``;
 both are bit-identical. ``gamma`` and ``threshold`` are ordinary param-group entries, so anything that
 edits param groups between steps (a scheduler, a callback) schedules them; when ``threshold`` changes the
-stored ``q`` is rescaled so ``m`` is continuous.
+stored ``q`` is rescaled so ``m`` is continuous. Half/bfloat16 weights keep a float32 momentum (``1 - gamma``
+rounds to 1 in bfloat16). A non-finite momentum (diverged training) makes the weight NaN on the vectorised
+path, where the per-tensor path would flip it.
 
 :class:`HybridOptimizer` puts Bop (binary weights) and any real-valued optimizer (everything else) behind
 one ``torch.optim.Optimizer`` so frameworks that drive a single optimizer (Lightning's automatic
@@ -46,6 +48,14 @@ def _validate_hyperparameters(gamma: float, threshold: float) -> None:
         raise ValueError(f"Bop gamma (adaptivity rate) must be in (0, 1], got {gamma}")
     if not threshold >= 0.0:
         raise ValueError(f"Bop threshold must be >= 0, got {threshold}")
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """float32 momentum for half/bfloat16 weights: ``1 - gamma`` (1e-4) would round to 1 in 8 mantissa bits."""
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
 
 
 def _lerp_gain(dtype: torch.dtype) -> float:
@@ -110,6 +120,16 @@ class Bop(Optimizer):
                     "(HybridOptimizer / the BopOptimizer callback do this split).")
         super().add_param_group(group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``torch.optim.Optimizer`` does, keeping float32 momenta of half/bfloat16 weights float32."""
+        saved = {k: v.get("scaled_momentum") for k, v in state_dict.get("state", {}).items()}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, momentum in saved.items():
+            if momentum is not None and params[index] in self.state:
+                p = params[index]
+                self.state[p]["scaled_momentum"] = momentum.to(device=p.device, dtype=_state_dtype(p), copy=True)
+
     # ------------------------------------------------------------------ helpers
     def momentum(self, p: Tensor) -> Tensor:
         """The gradient moving average ``m`` of parameter ``p`` (zeros before its first step)."""
@@ -147,7 +167,8 @@ class Bop(Optimizer):
                     raise RuntimeError("Bop does not support sparse gradients")
                 state = self.state[p]
                 if not state:
-                    state["scaled_momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["scaled_momentum"] = torch.zeros_like(p, dtype=_state_dtype(p),
+                                                                memory_format=torch.preserve_format)
                     state["momentum_scale"] = scale
                 elif state["momentum_scale"] != scale:  # threshold was rescheduled: keep m continuous
                     state["scaled_momentum"].mul_(state["momentum_scale"] / scale)
@@ -196,15 +217,19 @@ def _multi_tensor_bop(params: list[Tensor], grads: list[Tensor], moms: list[Tens
         # q <- (1 - gamma) q + (gamma / scale) g, i.e. m <- m + gamma (g - m) with q = m / scale
         torch._foreach_mul_(qs, 1.0 - gamma)
         torch._foreach_add_(qs, gs, alpha=gamma / scale)
-        before = torch._foreach_clone(ps) if track_flips else None
+        # half/bfloat16 weights flip in float32, the dtype of their momentum
+        ws = [p.float() for p in ps] if dtype in _LOW_PRECISION else ps
+        before = torch._foreach_clone(ws) if track_flips else None
         if thresholded:
-            torch._foreach_lerp_(ps, qs, -_lerp_gain(dtype))  # sign = -sign(q - w), or w where q == w
+            torch._foreach_lerp_(ws, qs, -_lerp_gain(qs[0].dtype))  # sign = -sign(q - w), or w where q == w
         else:
             # threshold 0: flip iff sign(m) == w; w - 2 sign(m) has the new sign (and w's sign if m == 0)
-            torch._foreach_add_(ps, torch._foreach_sign(qs), alpha=-2.0)
-        torch._foreach_sign_(ps)
+            torch._foreach_add_(ws, torch._foreach_sign(qs), alpha=-2.0)
+        torch._foreach_sign_(ws)
+        if ws is not ps:
+            torch._foreach_copy_(ps, ws)
         if before is not None:
-            counts.append(_count_sign_changes(before, ps))
+            counts.append(_count_sign_changes(before, ws))
     if not counts:
         return None
     return torch.stack([c.to(counts[0].device) for c in counts]).sum()
