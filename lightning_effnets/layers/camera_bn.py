@@ -205,10 +205,13 @@ class _CameraBatchNorm(nn.Module):
     def num_cameras(self) -> int:
         return self.running_mean.shape[0]
 
-    def pooled_statistics(self) -> tuple[Tensor, Tensor]:
-        """Mean and variance of the equal-weight mixture of all slots' distributions (camera-agnostic)."""
-        mean = self.running_mean.mean(0)
-        var = (self.running_var + self.running_mean.square()).mean(0) - mean.square()
+    def pooled_statistics(self, slots: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the equal-weight mixture of the slots' distributions (default: all slots),
+        the camera-agnostic statistics."""
+        rm, rv = (self.running_mean, self.running_var) if slots is None else \
+            (self.running_mean[list(slots)], self.running_var[list(slots)])
+        mean = rm.mean(0)
+        var = (rv + rm.square()).mean(0) - mean.square()
         return mean, var.clamp(min=0)
 
     def add_cameras(self, count: int = 1) -> list[int]:
