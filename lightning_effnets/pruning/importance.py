@@ -84,11 +84,15 @@ def _accumulate(group: PrunableGroup, items: Sequence[ChannelItem],
     return (total / count.clamp(min=1)).float()
 
 
-def _rows(item: ChannelItem, tensor: Tensor) -> Tensor | None:
+def _per_channel(item: ChannelItem, tensor: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """``reduce`` (rows -> one value per row) over the channel rows of ``tensor``, at the item's channels."""
     rows = channel_rows(item.module, item.is_out, tensor)
     if rows is None or not item.idxs or rows.shape[0] <= max(item.idxs):
         return None
-    return rows[list(item.idxs)]
+    values = reduce(rows)
+    if len(item.idxs) == values.numel() and item.idxs == tuple(range(values.numel())):
+        return values
+    return values[torch.tensor(item.idxs, dtype=torch.long, device=values.device)]
 
 
 class MagnitudeCriterion(Criterion):
@@ -114,9 +118,11 @@ class MagnitudeCriterion(Criterion):
         if self.reduction == "first":
             items = [i for i in items if i.name == group.root and i.is_out][:1]
 
+        def norm(rows: Tensor) -> Tensor:
+            return rows.abs().sum(1) if self.p == 1 else rows.square().sum(1)
+
         def local(item: ChannelItem) -> Tensor | None:
-            rows = _rows(item, item.module.weight)
-            return None if rows is None else rows.abs().pow(self.p).sum(1)
+            return _per_channel(item, item.module.weight, norm)
 
         return _accumulate(group, items, local)
 
@@ -135,8 +141,7 @@ class BNScaleCriterion(Criterion):
         items = [i for i in group.items if layer_kind(i.module) == "norm"]
 
         def local(item: ChannelItem) -> Tensor | None:
-            rows = _rows(item, item.module.weight)
-            return None if rows is None else rows.abs().sum(1)
+            return _per_channel(item, item.module.weight, lambda rows: rows.abs().sum(1))
 
         return _accumulate(group, items, local)
 
@@ -218,8 +223,7 @@ class TaylorCriterion(Criterion):
             grad = self._gradient(weight)
             if grad is None:
                 return None
-            rows = _rows(item, weight * grad)
-            return None if rows is None else rows.sum(1).abs()
+            return _per_channel(item, weight * grad, lambda rows: rows.sum(1).abs())
 
         scores = _accumulate(group, items, local)
         if scores is None and not any(self._gradient(i.module.weight) is not None for i in items):
