@@ -1,8 +1,10 @@
 """The public Lightning face of every method: one callback (or a small family) per file."""
 
+from lightning_effnets.callbacks.adder import AdaptiveAdderLR, AdderConversion
 from lightning_effnets.callbacks.binary import Binarization, BopOptimizer
 from lightning_effnets.callbacks.camera_bn import CameraBN
 from lightning_effnets.callbacks.cost import CostReport
 from lightning_effnets.callbacks.pruning import ChannelPruning
 
-__all__ = ["Binarization", "BopOptimizer", "CameraBN", "ChannelPruning", "CostReport"]
+__all__ = ["AdaptiveAdderLR", "AdderConversion", "Binarization", "BopOptimizer", "CameraBN", "ChannelPruning",
+           "CostReport"]
