@@ -317,3 +317,41 @@ def test_macs_target_is_met():
     _trainer(max_steps=2, callbacks=[pruning]).fit(task, _loader())
     ratio = pruning.history[-1]["macs"] / pruning.initial["macs"]
     assert 0.3 < ratio <= 0.4
+
+
+def test_schedule_epochs_and_targets():
+    from lightning_effnets.pruning import PruningSchedule
+
+    schedule = PruningSchedule(start_epoch=6, end_epoch=8, steps=3)
+    assert schedule.epochs() == [6, 7, 8]
+    assert [schedule.steps_due(e) for e in (5, 6, 7, 8, 20)] == [0, 1, 2, 3, 3]
+    assert [schedule.fraction(k) for k in (1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert PruningSchedule(start_epoch=0, end_epoch=9, steps=4).epochs() == [0, 3, 6, 9]
+    with pytest.raises(ValueError, match="at least 3 epochs"):
+        PruningSchedule(start_epoch=1, end_epoch=2, steps=3)
+
+
+def test_taylor_scores_match_hand_computation():
+    from lightning_effnets.pruning import TaylorCriterion, prunable_groups
+
+    torch.manual_seed(1)
+    model = _chain(widths=(1, 4, 3), classes=2)
+    x = torch.randn(3, 1, 5, 5)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 1])).backward()
+    group = next(g for g in prunable_groups(build_graph(model, x[:1]), [model[-1]]) if g.root == "0")
+    scores = TaylorCriterion().score(group)
+    conv0, bn, conv3 = model[0], model[1], model[3]
+    expected = []
+    for c in range(4):  # mean over the group's layers of |sum over the channel's weights of w * dL/dw|
+        terms = [(conv0.weight[c] * conv0.weight.grad[c]).sum().abs(),
+                 (bn.weight[c] * bn.weight.grad[c]).abs(),
+                 (conv3.weight[:, c] * conv3.weight.grad[:, c]).sum().abs()]
+        expected.append(torch.stack(terms).mean())
+    torch.testing.assert_close(scores, torch.stack(expected).detach(), rtol=1e-5, atol=1e-8)
+
+
+def test_layer_ratios_and_ignored_layers():
+    model = _chain(widths=(1, 16, 16, 16))
+    model, record = prune(model, torch.zeros(1, 1, 6, 6), "l1", ratio=0.5, layer_ratios={"3": 0.25},
+                          ignored_layers=["6"])
+    assert (model[0].out_channels, model[3].out_channels, model[6].out_channels) == (8, 12, 16)
