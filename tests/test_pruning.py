@@ -355,3 +355,20 @@ def test_layer_ratios_and_ignored_layers():
     model, record = prune(model, torch.zeros(1, 1, 6, 6), "l1", ratio=0.5, layer_ratios={"3": 0.25},
                           ignored_layers=["6"])
     assert (model[0].out_channels, model[3].out_channels, model[6].out_channels) == (8, 12, 16)
+
+
+def test_camera_batchnorm_is_pruned_per_camera():
+    from lightning_effnets.layers.camera_bn import CameraBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), CameraBatchNorm2d(6, num_cameras=6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.arange(36.0).view(6, 6))
+    model, _ = prune(model, torch.randn(1, 3, 8, 8), MagnitudeCriterion(reduction="first"), ratio=0.5)
+    kept = model[0].out_channels
+    bn = model[1]
+    assert kept == 3 and bn.num_features == 3 and bn.weight.shape == (3,) and bn.num_batches_tracked.shape == (6,)
+    assert bn.running_mean.shape == (6, 3)
+    columns = (bn.running_mean[0]).long().tolist()  # row 0 holds the original channel indices
+    torch.testing.assert_close(bn.running_mean, torch.arange(36.0).view(6, 6)[:, columns])
+    assert model.eval()(torch.randn(2, 3, 8, 8)).shape == (2, 2)

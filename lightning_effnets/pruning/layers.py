@@ -161,9 +161,9 @@ class CameraBatchNormPruner(BasePruningFunc):
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         keep = _keep(int(layer.num_features), idxs)
-        index = None
-        for name, tensor in list(layer.named_parameters(recurse=False)) + list(layer.named_buffers(recurse=False)):
-            if tensor is None or tensor.ndim == 0 or tensor.shape[-1] != layer.num_features:
+        for name in ("weight", "bias", "running_mean", "running_var"):  # not num_batches_tracked (per camera)
+            tensor = getattr(layer, name, None)
+            if tensor is None:
                 continue
             if isinstance(tensor, nn.Parameter):
                 setattr(layer, name, self._prune_parameter_and_grad(tensor, keep, tensor.ndim - 1))
