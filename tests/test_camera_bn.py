@@ -97,6 +97,23 @@ def test_grouped_forward_equals_one_forward_per_camera(cls, ref_cls, shape, mome
         torch.testing.assert_close(layer(x), refs[3](x))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_grouped_backward_passes_gradcheck(affine):
+    from lightning_effnets.layers.camera_bn import _GroupedBatchNormFn
+
+    groups = torch.tensor([0, 1, 1, 2, 0, 2, 1])
+    counts = torch.bincount(groups).double()[:, None]
+    x = torch.randn(7, 3, 5, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2)] if affine else [None, None]
+    inputs = (x, *[p for p in params if p is not None])
+
+    def fn(x: Tensor, *wb: Tensor) -> Tensor:
+        w, b = wb if affine else (None, None)
+        return _GroupedBatchNormFn.apply(x, groups, counts, w, b, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
 def test_mixed_batch_differs_from_plain_bn_and_single_camera_is_plain_bn():
     layer = CameraBatchNorm2d(3, 2)
     plain = nn.BatchNorm2d(3)

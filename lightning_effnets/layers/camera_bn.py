@@ -52,8 +52,15 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- functional core
-def grouped_batch_statistics(x: Tensor, groups: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+def _wide(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def grouped_batch_statistics(x: Tensor, groups: Tensor, num_groups: int,
+                             counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-group mean and biased variance ``[G, C]`` of ``x [N, C, L]`` whose samples belong to ``groups [N]``.
+
+    ``counts`` (samples per group, ``[G, 1]``, float64) can be passed when already known.
 
     One pass of two fast last-dimension reductions (sum and L2 norm) gives each sample's mean and variance
     (``torch.var_mean`` over the last dimension is ~30x slower on CPU); every sample has the same ``L``
@@ -62,11 +69,13 @@ def grouped_batch_statistics(x: Tensor, groups: Tensor, num_groups: int) -> tupl
     ``[N, C]`` level. Empty groups get mean 0 and variance 0.
     """
     positions = x.shape[2]
-    wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    wide = _wide(x.device)
     sample_mean = x.sum(dim=2).to(wide) / positions
     sample_sq = torch.linalg.vector_norm(x, dim=2).to(wide).square() / positions
     sample_var = (sample_sq - sample_mean.square()).clamp(min=0)
-    counts = torch.bincount(groups, minlength=num_groups).clamp(min=1).to(wide)[:, None]
+    if counts is None:
+        counts = torch.bincount(groups, minlength=num_groups).to(wide)[:, None]
+    counts = counts.clamp(min=1)
     zeros = sample_mean.new_zeros(num_groups, x.shape[1])
     mean = zeros.index_add(0, groups, sample_mean) / counts
     deviation = sample_mean - mean[groups]
@@ -88,15 +97,16 @@ class _GroupedBatchNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, groups: Tensor, num_groups: int, weight: Tensor | None,
+    def forward(ctx: Any, x: Tensor, groups: Tensor, counts: Tensor, weight: Tensor | None,
                 bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         xc = x.to(_compute_dtype(x))
-        mean, var = grouped_batch_statistics(xc, groups, num_groups)
+        num_groups = counts.shape[0]
+        mean, var = grouped_batch_statistics(xc, groups, num_groups, counts)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.to(xc.dtype)
         shift = -mean * scale if bias is None else bias.to(xc.dtype) - mean * scale
         y = torch.addcmul(shift[groups].unsqueeze(2), xc, scale[groups].unsqueeze(2)).to(x.dtype)
-        ctx.save_for_backward(x, groups, mean, invstd, weight)
+        ctx.save_for_backward(x, groups, counts, mean, invstd, weight)
         ctx.num_groups = num_groups
         ctx.has_bias = bias is not None
         ctx.param_dtype = weight.dtype if weight is not None else bias.dtype if bias is not None else x.dtype
@@ -105,10 +115,10 @@ class _GroupedBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor) -> tuple[Tensor | None, ...]:
-        x, groups, mean, invstd, weight = ctx.saved_tensors
+        x, groups, counts, mean, invstd, weight = ctx.saved_tensors
         dtype = _compute_dtype(x)
         xc, gy = x.to(dtype), grad_y.to(dtype)
-        per_channel = x.shape[2] * torch.bincount(groups, minlength=ctx.num_groups).clamp(min=1).to(dtype)[:, None]
+        per_channel = (x.shape[2] * counts.clamp(min=1)).to(dtype)
         zeros = mean.new_zeros(ctx.num_groups, x.shape[1])
         sum_dy = zeros.index_add(0, groups, gy.sum(dim=2))
         sum_dy_x = zeros.index_add(0, groups, (gy * xc).sum(dim=2))
@@ -138,7 +148,8 @@ class CameraContext:
     counts: tuple[int, ...] | None
     groups: Tensor | None
     camera: int | None
-    _on_device: dict[torch.device, tuple[Tensor | None, Tensor]] = field(default_factory=dict, repr=False)
+    _on_device: dict[torch.device, tuple[Tensor | None, Tensor, Tensor | None]] = field(default_factory=dict,
+                                                                                         repr=False)
 
     @classmethod
     def build(cls, camera_ids: int | Tensor | Sequence[int]) -> CameraContext:
@@ -162,11 +173,14 @@ class CameraContext:
             return cls(cameras=(camera_list[0],), counts=(ids.numel(),), groups=None, camera=camera_list[0])
         return cls(cameras=tuple(camera_list), counts=tuple(counts.tolist()), groups=groups, camera=None)
 
-    def on(self, device: torch.device) -> tuple[Tensor | None, Tensor]:
-        """``(groups, cameras)`` as tensors on ``device`` (cached: every layer of a forward reuses them)."""
+    def on(self, device: torch.device) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """``(groups, cameras, counts [G, 1] float64)`` as tensors on ``device`` (cached: every layer of a forward
+        reuses them)."""
         if device not in self._on_device:
             groups = self.groups.to(device, non_blocking=True) if self.groups is not None else None
-            self._on_device[device] = (groups, torch.tensor(self.cameras, device=device))
+            counts = None if self.counts is None else \
+                torch.tensor(self.counts, dtype=_wide(device), device=device)[:, None]
+            self._on_device[device] = (groups, torch.tensor(self.cameras, device=device), counts)
         return self._on_device[device]
 
 
@@ -320,12 +334,12 @@ class _CameraBatchNorm(nn.Module):
             factor = self._factor(k)
             return F.batch_norm(x, self.running_mean[k], self.running_var[k], self.weight, self.bias, True,
                                 factor, self.eps)
-        groups, cameras = context.on(x.device)
+        groups, cameras, counts = context.on(x.device)
         x3 = x.reshape(x.shape[0], x.shape[1], -1)
-        y, mean, var = _GroupedBatchNormFn.apply(x3, groups, len(context.cameras), self.weight, self.bias, self.eps)
+        y, mean, var = _GroupedBatchNormFn.apply(x3, groups, counts, self.weight, self.bias, self.eps)
         with torch.no_grad():
-            counts = torch.tensor(context.counts, device=x.device, dtype=var.dtype)[:, None] * positions
-            unbiased = var * counts / (counts - 1).clamp(min=1)
+            elements = counts.to(var.dtype) * positions
+            unbiased = var * elements / (elements - 1).clamp(min=1)
             factor = self._factor(cameras)
             factor = factor[:, None] if isinstance(factor, Tensor) else factor
             rm, rv = self.running_mean, self.running_var
@@ -338,7 +352,7 @@ class _CameraBatchNorm(nn.Module):
             k = context.camera
             return F.batch_norm(x, self.running_mean[k], self.running_var[k], self.weight, self.bias, False, 0.0,
                                 self.eps)
-        groups, cameras = context.on(x.device)
+        groups, cameras, _ = context.on(x.device)
         slots = cameras[groups]
         scale = torch.rsqrt(self.running_var[slots] + self.eps)
         if self.weight is not None:
@@ -355,7 +369,7 @@ class _CameraBatchNorm(nn.Module):
             raise RuntimeError("collecting camera statistics needs the images' camera: wrap every forward in "
                                "`with use_camera(model, camera_ids):` inside collect_camera_statistics(model)")
         positions = x[0, 0].numel()
-        groups, _ = context.on(x.device)
+        groups, _, _ = context.on(x.device)
         if groups is None:
             groups = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         x3 = x.detach().reshape(x.shape[0], x.shape[1], -1).to(_compute_dtype(x))
