@@ -245,6 +245,7 @@ def test_hybrid_state_dict_round_trip_and_errors():
     hybrid2.load_state_dict(state)
     torch.testing.assert_close(hybrid2.binary.momentum(b2[0]), hybrid.binary.momentum(binary[0]), rtol=0, atol=0)
     assert len(list(hybrid2.state.items())) == len(real) + len(binary)
+    assert len(hybrid2.real.state) == len(real)  # reading the merged state never adds entries
     with pytest.raises(ValueError, match="saved without"):
         hybrid2.load_state_dict(torch.optim.SGD(r2, lr=0.1).state_dict())
     with pytest.raises(ValueError, match="claimed by both"):

@@ -154,7 +154,9 @@ class BopOptimizer(pl.Callback):
             optimizer on the task instead).
         gamma: Bop adaptivity rate (paper default 1e-4).
         threshold: Bop flip threshold (paper default 1e-8).
-        log_flips: log ``effnets/bop/flip_ratio``, the fraction of binary weights flipped, every step.
+        log_flips: log ``effnets/bop/flip_ratio``, the fraction of binary weights flipped in the step, on the
+            steps Lightning writes logs (every ``Trainer(log_every_n_steps)``); counting flips costs about as
+            much as the Bop update itself, so it is done only on those steps.
 
     Raises ``ValueError`` at fit start when the model has no binary (±1) parameters, when a parameter is
     claimed by both optimizers or a trainable one by none, with several task optimizers, or with fp16
@@ -215,7 +217,7 @@ class BopOptimizer(pl.Callback):
                     seen.add(id(p))
                     params.append(p)
             real = factory(params)
-        bop = Bop(binary, gamma=self.gamma, threshold=self.threshold, track_flips=self.log_flips)
+        bop = Bop(binary, gamma=self.gamma, threshold=self.threshold)
         check_partition(pl_module, {type(real).__name__: real, "Bop": bop})
         self.optimizer = HybridOptimizer(real, bop)
         trainer.strategy.optimizers = [self.optimizer]
@@ -223,18 +225,29 @@ class BopOptimizer(pl.Callback):
                        f"-> Bop(gamma={self.gamma}, threshold={self.threshold}); the rest -> {type(real).__name__}")
 
     # ------------------------------------------------------------------ logging
+    @staticmethod
+    def _logs_this_step(trainer: pl.Trainer) -> bool:
+        """Whether Lightning writes step metrics after the coming optimizer step (its own rule)."""
+        every = trainer.log_every_n_steps
+        return every > 0 and (trainer.global_step + 1) % every == 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.optimizer is not None:
+            self.optimizer.binary.track_flips = self.log_flips and self._logs_this_step(trainer)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.optimizer is None or trainer.global_step == self._logged_step:
             return  # no optimizer step in this batch (gradient accumulation)
         self._logged_step = trainer.global_step
         bop = self.optimizer.binary
+        ratio = bop.last_flip_ratio
+        if ratio is None:
+            return
         group = bop.param_groups[0]
+        pl_module.log("effnets/bop/flip_ratio", ratio.float(), on_step=True, on_epoch=False)
         pl_module.log("effnets/bop/gamma", float(group["gamma"]), on_step=True, on_epoch=False)
         pl_module.log("effnets/bop/threshold", float(group["threshold"]), on_step=True, on_epoch=False)
-        ratio = bop.last_flip_ratio
-        if self.log_flips and ratio is not None:
-            pl_module.log("effnets/bop/flip_ratio", ratio.float(), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -30,8 +30,8 @@ optimization) train both; see :class:`lightning_effnets.callbacks.BopOptimizer`.
 
 from __future__ import annotations
 
-from collections import ChainMap, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -291,6 +291,30 @@ def check_partition(module: nn.Module, optimizers: dict[str, Optimizer]) -> None
                          "with requires_grad_(False).")
 
 
+class _MergedState(Mapping):
+    """Read-only view of several optimizers' ``state`` (disjoint keys).
+
+    Unlike ``collections.ChainMap`` a lookup never writes: ``ChainMap`` would call the first optimizer's
+    ``defaultdict`` and silently create empty entries for the other optimizer's parameters.
+    """
+
+    def __init__(self, *states: Mapping[Any, Any]) -> None:
+        self._states = states
+
+    def __getitem__(self, key: Any) -> Any:
+        for state in self._states:
+            if key in state:
+                return state[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        for state in self._states:
+            yield from state
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self._states)
+
+
 class HybridOptimizer(Optimizer):
     """``real`` and ``binary`` (a :class:`Bop`) stepped together behind one optimizer object.
 
@@ -320,7 +344,7 @@ class HybridOptimizer(Optimizer):
         self.binary = binary
         self.defaults = real.defaults
         self.param_groups = real.param_groups
-        self.state = ChainMap(real.state, binary.state)  # type: ignore[assignment]
+        self.state = _MergedState(real.state, binary.state)  # type: ignore[assignment]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` (once), then step the real optimizer and Bop."""
@@ -348,7 +372,7 @@ class HybridOptimizer(Optimizer):
         self.real.load_state_dict(state_dict["real"])
         self.binary.load_state_dict(state_dict["binary"])
         self.param_groups = self.real.param_groups
-        self.state = ChainMap(self.real.state, self.binary.state)  # type: ignore[assignment]
+        self.state = _MergedState(self.real.state, self.binary.state)  # type: ignore[assignment]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of *real-valued* parameters (to Bop: ``hybrid.binary.add_param_group``)."""
