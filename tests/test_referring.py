@@ -200,14 +200,22 @@ def test_adaptive_feature_selection_follows_the_text_weights():
     text = torch.randn(2, 3)
     out, weights = afs(feats, text)
     assert out.shape == (2, 5, 4, 4)
-    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+    assert weights.shape == (2, 3, 5)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2, 5))
+    # the weights are a softmax over levels of each level's linear map of the text
+    logits = torch.stack([linear(text) for linear in afs.level_weights], dim=1)
+    torch.testing.assert_close(weights, logits.softmax(dim=1))
+
+    def select(level):
+        for i, linear in enumerate(afs.level_weights):
+            linear.weight.zero_()
+            linear.bias.fill_(50.0 if i == level else -50.0)
+
     with torch.no_grad():  # a text that selects only the coarsest level gives that level, upsampled
-        afs.level_weights.weight.zero_()
-        afs.level_weights.bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
-        out, _ = afs(feats, text)
+        select(2)
         coarse = nn.functional.interpolate(afs.levels[2](feats[2]), size=(4, 4), mode="bilinear")
-        torch.testing.assert_close(out, coarse)
-        afs.level_weights.bias.copy_(torch.tensor([50.0, -50.0, -50.0]))  # only the finest: average-pooled first
+        torch.testing.assert_close(afs(feats, text)[0], coarse)
+        select(0)  # only the finest: average-pooled first
         torch.testing.assert_close(afs(feats, text)[0], afs.levels[0](nn.functional.avg_pool2d(feats[0], 2)))
 
 
@@ -328,8 +336,9 @@ def test_task_contract_and_data_checks(tmp_path):
 def test_task_learns_to_ground_a_fixed_batch():
     """A few dozen steps on one batch must drive the training metric up (the losses and targets agree)."""
     torch.manual_seed(0)
-    dm = ShapesReferringDataModule(train_size=16, val_size=16, test_size=16, batch_size=16)
-    task = _tiny_task(optimizer=lambda p: torch.optim.Adam(p, lr=3e-3), lr_schedule="constant")
+    dm = ShapesReferringDataModule(train_size=16, val_size=16, test_size=16, batch_size=16, image_size=32,
+                                   max_objects=3)
+    task = _tiny_task(image_size=32, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3), lr_schedule="constant")
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     task.vocabulary = dm.vocabulary
@@ -348,6 +357,24 @@ def test_task_learns_to_ground_a_fixed_batch():
         task._shared_step(batch, "train")
     assert float(loss) < 0.5 * first
     assert task.metrics["train_grounding"].compute()["acc"] >= 0.75
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")
+def test_dependency_graph_pruning_keeps_the_network_consistent():
+    """Channel pruning (Torch-Pruning) must be able to trace and shrink ``task.model``: the fusion, AFS and GRU
+    are written without concatenations of untraceable tensors for this reason."""
+    import torch_pruning as tp
+
+    task = _tiny_task(hidden_dim=32, text_dim=32)
+    net = task.model.eval()
+    before = profile(net, task.example_input_array, measure_latency=False).macs
+    pruner = tp.pruner.MagnitudePruner(net, example_inputs=task.example_input_array,
+                                       importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
+                                       ignored_layers=[*task.output_modules(), net.text], round_to=2)
+    pruner.step()
+    assert net(*task.example_input_array).shape == (1, 15, 8, 8)
+    assert net.fuse.visual.out_channels == net.reasoning[0].query.out_features < 32
+    assert profile(net, task.example_input_array, measure_latency=False).macs < 0.6 * before
 
 
 # ============================================================================ recipe

@@ -25,6 +25,7 @@ parameter or a small module to swap.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -33,7 +34,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 from torchmetrics import Metric
 from torchvision.ops import box_iou, clip_boxes_to_image, generalized_box_iou_loss
 from torchvision.utils import draw_bounding_boxes
@@ -57,35 +58,46 @@ class ConvBNAct(nn.Sequential):
 
 
 class TextEncoder(nn.Module):
-    """Word embeddings + bidirectional GRU over the non-padding words, pooled by learned word attention.
+    """Word embeddings + a bidirectional GRU over the non-padding words, pooled by learned word attention.
 
+    The two directions are separate GRUs whose outputs are *summed*; the backward one reads every
+    expression reversed within its own length. That makes the result independent of padding without
+    ``pack_padded_sequence`` (whose concatenations dependency-graph pruning cannot trace), and the sum
+    (rather than a concatenation) keeps the channels traceable too.
     Returns ``(sentence [B, D], words [B, L, D], mask [B, L])``; token id 0 is padding.
     """
 
     def __init__(self, vocab_size: int, embed_dim: int = 64, hidden_dim: int = 128) -> None:
         super().__init__()
-        if hidden_dim % 2:
-            raise ValueError(f"hidden_dim must be even (two GRU directions), got {hidden_dim}")
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocabulary.pad_id)
-        self.gru = nn.GRU(embed_dim, hidden_dim // 2, batch_first=True, bidirectional=True)
+        self.forward_gru = nn.GRU(embed_dim, hidden_dim, batch_first=True)
+        self.backward_gru = nn.GRU(embed_dim, hidden_dim, batch_first=True)
         self.attention = nn.Linear(hidden_dim, 1)
         self.out_dim = hidden_dim
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mask = tokens != Vocabulary.pad_id
-        lengths = mask.sum(1).clamp(min=1)
-        mask = mask | (torch.arange(tokens.shape[1], device=tokens.device) == 0)  # an all-padding row keeps word 0
-        packed = pack_padded_sequence(self.embedding(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
-        words, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=tokens.shape[1])
+        lengths = mask.sum(1, keepdim=True)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        mask = mask | (positions == 0)  # an all-padding row keeps word 0 (the task rejects such batches)
+        # reverse each expression within its length; padding stays in place (the permutation is its own inverse)
+        reverse = torch.where(positions < lengths, lengths - 1 - positions, positions)
+        embedded = self.embedding(tokens)
+        forward_words, _ = self.forward_gru(embedded)
+        backward_words, _ = self.backward_gru(embedded.gather(1, reverse[..., None].expand_as(embedded)))
+        words = forward_words + backward_words.gather(1, reverse[..., None].expand_as(backward_words))
         scores = self.attention(words).squeeze(-1).masked_fill(~mask, float("-inf"))
-        sentence = torch.einsum("bl,bld->bd", scores.softmax(dim=1), words)
+        sentence = (scores.softmax(dim=1).unsqueeze(-1) * words).sum(dim=1)
         return sentence, words, mask
 
 
 class AdaptiveFeatureSelection(nn.Module):
-    """RealGIN's AFS: every level is brought to the resolution of ``target`` level and mixed with weights
-    ``softmax(W s)`` predicted from the sentence ``s`` (one weight per level and sample).
+    """RealGIN's AFS: every level is brought to the resolution of the ``target`` level and the levels are
+    mixed with weights predicted from the sentence ``s``, ``w_l = softmax_l(W_l s)``.
 
+    The weights are per level *and channel* (the paper uses one weight per level): each ``W_l`` is a
+    ``Linear(text_dim, out_channels)`` and the softmax over levels is written with element-wise ops, so
+    every tensor keeps the channel layout of the features and dependency-graph pruning can follow it.
     Finer levels are average-pooled *before* their 3x3 conv, coarser ones upsampled (bilinear) *after* it,
     so every conv runs at the lower of the two resolutions.
     """
@@ -99,9 +111,10 @@ class AdaptiveFeatureSelection(nn.Module):
         self.reductions, self.target = list(reductions), target
         self.levels = nn.ModuleList(nn.Sequential(ConvBNAct(c, out_channels, 3), ConvBNAct(out_channels, out_channels))
                                     for c in in_channels)
-        self.level_weights = nn.Linear(text_dim, len(in_channels))
+        self.level_weights = nn.ModuleList(nn.Linear(text_dim, out_channels) for _ in in_channels)
 
     def forward(self, features: Sequence[Tensor], text: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns the fused map [B, C, H, W] and the level weights [B, levels, C] (they sum to 1 over levels)."""
         if len(features) != len(self.levels):
             raise ValueError(f"AFS was built for {len(self.levels)} feature levels, got {len(features)}")
         size = features[self.target].shape[-2:]
@@ -114,8 +127,13 @@ class AdaptiveFeatureSelection(nn.Module):
                 resampled.append(F.interpolate(level(feature), size=size, mode="bilinear", align_corners=False))
             else:
                 resampled.append(level(feature))
-        weights = self.level_weights(text).softmax(dim=1)
-        return torch.einsum("bn,bnchw->bchw", weights, torch.stack(resampled, dim=1)), weights
+        logits = [linear(text) for linear in self.level_weights]
+        peak = functools.reduce(torch.maximum, logits).detach()  # softmax is shift-invariant: only for stability
+        exps = [(logit - peak).exp() for logit in logits]
+        total = functools.reduce(torch.add, exps)
+        weights = [e / total for e in exps]
+        fused = functools.reduce(torch.add, [w[:, :, None, None] * r for w, r in zip(weights, resampled)])
+        return fused, torch.stack(weights, dim=1)
 
 
 def collect_diffuse(query: Tensor, key_collect: Tensor, key_diffuse: Tensor, value: Tensor, num_heads: int) -> Tensor:
@@ -162,6 +180,27 @@ class GlobalAttentiveReasoning(nn.Module):
         return self.local(self.act(self.norm(out.reshape(b, c, h, w) + x)))
 
 
+class MultimodalFusion(nn.Module):
+    """A 1x1 conv over ``[visual, tiled sentence, coordinates]`` followed by BN and LeakyReLU.
+
+    Written as the sum of three projections, which is the same function as concatenating first, but keeps
+    every channel produced by a layer (dependency-graph pruning cannot follow a concatenation with tensors
+    that no layer produced, such as the coordinate map).
+    """
+
+    def __init__(self, visual_dim: int, text_dim: int, out_channels: int) -> None:
+        super().__init__()
+        self.visual = nn.Conv2d(visual_dim, out_channels, 1, bias=False)
+        self.text = nn.Linear(text_dim, out_channels, bias=False)
+        self.coords = nn.Conv2d(2, out_channels, 1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.act = nn.LeakyReLU(0.1, inplace=True)
+
+    def forward(self, x: Tensor, text: Tensor) -> Tensor:
+        coords = coordinate_map(x.shape[2], x.shape[3], x).expand(x.shape[0], -1, -1, -1)
+        return self.act(self.norm(self.visual(x) + self.text(text)[:, :, None, None] + self.coords(coords)))
+
+
 def coordinate_map(height: int, width: int, like: Tensor) -> Tensor:
     """[1, 2, H, W] cell-centre coordinates in [-1, 1] (x, y): lets the head reason about "left"/"above"."""
     ys = (torch.arange(height, device=like.device, dtype=like.dtype) + 0.5) / height * 2 - 1
@@ -191,7 +230,7 @@ class GroundingNet(nn.Module):
         self.stride = int(reductions[fusion_level])
         self.text = TextEncoder(vocab_size, embed_dim, text_dim)
         self.afs = AdaptiveFeatureSelection(channels, reductions, fusion_level, hidden_dim, text_dim)
-        self.fuse = ConvBNAct(hidden_dim + text_dim + 2, hidden_dim)
+        self.fuse = MultimodalFusion(hidden_dim, text_dim, hidden_dim)
         self.reasoning = nn.ModuleList(GlobalAttentiveReasoning(hidden_dim, text_dim, garan_heads)
                                        for _ in range(garan_layers))
         self.head = nn.Sequential(ConvBNAct(hidden_dim, hidden_dim, 3), nn.Conv2d(hidden_dim, num_anchors * 5, 1))
@@ -201,9 +240,7 @@ class GroundingNet(nn.Module):
     def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
         sentence, _, _ = self.text(tokens)
         x, _ = self.afs(self.visual(images), sentence)
-        b, _, h, w = x.shape
-        x = self.fuse(torch.cat([x, sentence[:, :, None, None].expand(-1, -1, h, w),
-                                 coordinate_map(h, w, x).expand(b, -1, -1, -1)], dim=1))
+        x = self.fuse(x, sentence)
         for unit in self.reasoning:
             x = unit(x, sentence)
         return self.head(x)
@@ -214,7 +251,10 @@ def _gru_cost(module: nn.GRU, inputs: tuple[Any, ...], output: Any) -> OpCount:
     """GRU multiply-accumulates (FlopCounterMode does not see inside the fused RNN op): per token, layer
     and direction, three gates of ``in x hidden + hidden x hidden`` MACs."""
     x = inputs[0]
-    tokens = x.data.shape[0] if isinstance(x, PackedSequence) else x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    if isinstance(x, PackedSequence):
+        tokens = x.data.shape[0]
+    else:
+        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
     directions = 2 if module.bidirectional else 1
     h = module.hidden_size
     macs = 0
@@ -347,8 +387,11 @@ class ReferringExpressionGrounder(EffnetsTaskMixin, pl.LightningModule):
         super().__init__()
         if vocab_size < 3:
             raise ValueError(f"vocab_size must be >= 3 (<pad>, <unk> and a word), got {vocab_size}")
-        anchor_tensor = torch.tensor([list(a) for a in anchors], dtype=torch.float32)
-        if anchor_tensor.ndim != 2 or anchor_tensor.shape[1] != 2 or len(anchor_tensor) == 0 or (anchor_tensor <= 0).any():
+        try:
+            anchor_tensor = torch.tensor([list(a) for a in anchors], dtype=torch.float32)
+        except (TypeError, ValueError):
+            anchor_tensor = torch.empty(0)
+        if anchor_tensor.ndim != 2 or anchor_tensor.shape[1] != 2 or (anchor_tensor <= 0).any():
             raise ValueError(f"anchors must be a non-empty list of positive (width, height) fractions, got {anchors}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = GroundingNet(backbone, vocab_size, len(anchor_tensor), in_chans, out_indices, fusion_level,
