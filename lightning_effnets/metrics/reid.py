@@ -200,11 +200,11 @@ class ReIDMetric(Metric):
             self.indices.append(indices.long())
 
     def _gathered(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if not self.features or dim_zero_cat(self.features).numel() == 0:
+        feats = _cat_state(self.features)
+        if feats is None or feats.numel() == 0:
             raise ValueError("ReIDMetric.compute() called before any update(): no query or gallery images")
-        feats, pids = dim_zero_cat(self.features), dim_zero_cat(self.person_ids)
-        cams, query = dim_zero_cat(self.camera_ids), dim_zero_cat(self.is_query)
-        idx = dim_zero_cat(self.indices) if self.indices else None
+        pids, cams = _cat_state(self.person_ids), _cat_state(self.camera_ids)
+        query, idx = _cat_state(self.is_query), _cat_state(self.indices)
         if idx is not None and idx.numel() == feats.shape[0]:
             # keep the first occurrence of every dataset index (padding samplers repeat some)
             unique, inverse = torch.unique(idx, return_inverse=True)
@@ -237,3 +237,10 @@ class ReIDMetric(Metric):
                 raise ValueError(f"camera group {name!r} (cameras {cameras}): {err}. A group is evaluated on its "
                                  "own cameras only, so it needs at least two cameras that share identities.") from err
         return results
+
+
+def _cat_state(state: list[Tensor] | Tensor) -> Tensor | None:
+    """A ``cat`` state as one tensor: a list of batches locally, already one tensor after a DDP sync."""
+    if isinstance(state, Tensor):
+        return state
+    return dim_zero_cat(state) if state else None
