@@ -178,7 +178,7 @@ class ChannelPruning(pl.Callback):
                         gamma.grad = penalty
                     else:
                         gamma.grad.add_(penalty)
-        if optimizer is trainer.optimizers[0]:
+        if trainer.optimizers and optimizer is trainer.optimizers[0]:
             self.pruner.criterion.on_before_optimizer_step(self._network(pl_module))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,24 +193,22 @@ class ChannelPruning(pl.Callback):
         decisions = self.pruner.plan(model, example, self.schedule.fraction(self.done + 1),
                                      self._outputs(pl_module, model))
         decisions = trainer.strategy.broadcast(decisions, src=0)  # identical on every rank
-        optimized_before = sum(len(g["params"]) for opt in trainer.optimizers for g in opt.param_groups)
-        changes = self.pruner.apply(model, example, decisions)
+        surgery = self.pruner.apply(model, example, decisions)
+        changes = surgery.changes
         for optimizer in trainer.optimizers:
             remap_optimizer(optimizer, changes)
-        current = {id(p) for p in pl_module.parameters()}
-        stale = [c.name for c in changes.values()
-                 if any(p is c.old for opt in trainer.optimizers for g in opt.param_groups for p in g["params"])]
-        optimized_after = sum(1 for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]
-                              if id(p) in current)
-        if stale or optimized_after != optimized_before:
-            raise RuntimeError(f"optimizer out of sync after pruning: stale parameters {stale[:5]}")
+        replaced = {id(c.old): c.name for c in changes.values()}
+        stale = [replaced[id(p)] for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]
+                 if id(p) in replaced]
+        if stale:
+            raise RuntimeError(f"optimizer still holds pruned-away parameters {stale[:5]}")
         self._rewrap_ddp(trainer, pl_module)
         self.pruner.criterion.setup(model)
         seconds = time.perf_counter() - start
         self.done += 1
         figures = self._figures(pl_module)
         figures.update(step=float(self.done), seconds=seconds, ratio=float(self.pruner.last_ratio or 0.0),
-                       removed_channels=float(sum(len(idxs) for _, idxs in decisions)))
+                       removed_channels=float(sum(len(idxs) for _, idxs in surgery.applied)))
         self.history.append(figures)
         self._log(pl_module, figures)
         if self.print_table:

@@ -19,7 +19,7 @@ from lightning_effnets.pruning.graph import PrunableGroup, build_graph, forward,
 from lightning_effnets.pruning.importance import Criterion, build_criterion
 from lightning_effnets.pruning.planning import Decision, score_groups, select_channels, solve_ratio
 from lightning_effnets.pruning.record import PruningRecord, attach_record, get_record, input_spec
-from lightning_effnets.pruning.surgery import ParamChange, apply_decisions
+from lightning_effnets.pruning.surgery import Surgery, apply_decisions
 
 __all__ = ["StructuredPruner", "prune", "default_output_modules", "LayerSpec"]
 
@@ -115,7 +115,7 @@ class StructuredPruner:
             uniform = score_groups(groups, lambda g: torch.zeros(g.channels), self.initial_channels, self.layer_ratios)
             solve_ratio(model, self.macs_target, float(self.initial_macs or 1.0),
                         lambda r: select_channels(uniform, r, round_to=self.round_to, max_layer_ratio=self.max_layer_ratio),
-                        apply=lambda clone, d: apply_decisions(clone, build_graph(clone, example_input), d),
+                        apply=lambda clone, d: apply_decisions(clone, build_graph(clone, example_input), d, True),
                         count_macs=lambda clone: float(profile(clone, example_input, measure_latency=False).macs),
                         max_ratio=max(self.max_layer_ratio, 0.5), iterations=0)
         return groups
@@ -143,24 +143,25 @@ class StructuredPruner:
         keep = 1.0 - (1.0 - self.macs_target) * fraction
         ratio, _ = solve_ratio(
             model, keep, float(self.initial_macs or 1.0), decide,
-            apply=lambda clone, decisions: apply_decisions(clone, build_graph(clone, example_input), decisions),
+            apply=lambda clone, decisions: apply_decisions(clone, build_graph(clone, example_input), decisions,
+                                                          skip_invalid=True),
             count_macs=lambda clone: float(profile(clone, example_input, measure_latency=False).macs),
             max_ratio=max(self.max_layer_ratio, 0.5))
         self.last_ratio = ratio
         return decide(ratio)
 
-    def apply(self, model: nn.Module, example_input: Any, decisions: Sequence[Decision]
-              ) -> dict[nn.Parameter, ParamChange]:
-        """Cut ``decisions`` out of ``model``, append them to its record, check it still runs."""
+    def apply(self, model: nn.Module, example_input: Any, decisions: Sequence[Decision]) -> Surgery:
+        """Cut ``decisions`` out of ``model`` (skipping any that would empty a coupled layer), append the applied
+        ones to its record, check that it still runs."""
         cached, self._graph = self._graph, None
         graph = cached[1] if cached is not None and cached[0] is model else build_graph(model, example_input)
-        changes = apply_decisions(model, graph, decisions)
+        surgery = apply_decisions(model, graph, decisions, skip_invalid=True)
         record = get_record(model) or PruningRecord(input=input_spec(example_input))
-        record.steps.append([(root, list(idxs)) for root, idxs in decisions])
+        record.steps.append(surgery.applied)
         attach_record(model, record)
         self.criterion.on_pruned(model)
         check_forward(model, example_input)
-        return changes
+        return surgery
 
     def state_dict(self) -> dict[str, Any]:
         return {"initial_channels": dict(self.initial_channels), "initial_macs": self.initial_macs,

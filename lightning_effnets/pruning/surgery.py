@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_effnets.pruning.planning import Decision
 
-__all__ = ["ParamChange", "apply_decisions"]
+__all__ = ["ParamChange", "Surgery", "apply_decisions"]
 
 
 @dataclass
@@ -90,16 +90,28 @@ class _IndexTags:
             return None
 
 
-def apply_decisions(model: nn.Module, graph: tp.DependencyGraph, decisions: Sequence[Decision]
-                    ) -> dict[nn.Parameter, ParamChange]:
-    """Remove the decided output channels of each root layer (and everything coupled to them).
+@dataclass
+class Surgery:
+    """What :func:`apply_decisions` did: replaced parameters, and the decisions actually applied."""
 
-    ``graph`` must have been built on ``model``. Returns old parameter -> :class:`ParamChange` for every
-    parameter that was replaced; untouched parameters keep their identity.
+    changes: dict[nn.Parameter, ParamChange]
+    applied: list[Decision]
+    skipped: list[Decision]
+
+
+def apply_decisions(model: nn.Module, graph: tp.DependencyGraph, decisions: Sequence[Decision],
+                    skip_invalid: bool = False) -> Surgery:
+    """Remove the decided output channels of each root layer (and everything coupled to them), in order.
+
+    ``graph`` must have been built on ``model``. A decision that would empty a coupled layer (possible when
+    split/concat index mappings couple a group to a narrower layer) is skipped with ``skip_invalid``, as
+    Torch-Pruning's own pruners do, and is an error otherwise (replaying a record must apply every step).
     """
-    if not decisions:
-        return {}
     names = {name: module for name, module in model.named_modules()}
+    applied: list[Decision] = []
+    skipped: list[Decision] = []
+    if not decisions:
+        return Surgery({}, applied, skipped)
     with _IndexTags(model) as tags:
         for root, idxs in decisions:
             if root not in names:
@@ -108,7 +120,11 @@ def apply_decisions(model: nn.Module, graph: tp.DependencyGraph, decisions: Sequ
             pruner = graph.get_pruner_of_module(module)
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(idxs))
             if not graph.check_pruning_group(group):
+                if skip_invalid:
+                    skipped.append((root, list(idxs)))
+                    continue
                 raise RuntimeError(f"removing {len(idxs)} channels of {root!r} would remove every channel of a "
                                    "coupled layer")
             group.prune(record_history=False)
-    return tags.changes
+            applied.append((root, list(idxs)))
+    return Surgery(tags.changes, applied, skipped)
