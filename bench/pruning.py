@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import signal
 import sys
 import time
 import traceback
@@ -112,14 +113,21 @@ def speed(models: list[str], batch: int, size: int, repeats: int) -> None:
               f"{masked_ms / dense_ms2:7.3f} {ours_s:8.2f} {tp_s:7.2f} {ours_s / tp_s:7.2f}", flush=True)
 
 
-def coverage(models: list[str], size: int) -> None:
-    print(f"coverage: prune 50% (L1), forward+backward at 2x3x{size}x{size}, output shape checked")
+def _timeout(signum: int, frame: object) -> None:
+    raise TimeoutError("did not finish within the time limit")
+
+
+def coverage(models: list[str], size: int, limit: int) -> None:
+    print(f"coverage: prune 50% (L1), forward+backward at 2x3x{size}x{size}, output shape checked, {limit}s limit")
     failures = 0
+    signal.signal(signal.SIGALRM, _timeout)
     for name in models:
+        signal.alarm(limit)
         try:
-            kwargs = {"img_size": size} if "vit" in name else {}
+            side = max(size, 96) if "inception" in name else size  # inception needs >= 75 pixels
+            kwargs = {"img_size": side} if "vit" in name else {}
             model = timm.create_model(name, pretrained=False, num_classes=7, **kwargs)
-            x = torch.randn(2, 3, size, size)
+            x = torch.randn(2, 3, side, side)
             before = profile(model, x[:1], measure_latency=False).macs
             start = time.perf_counter()
             prune(model, x[:1], "l1", ratio=0.5)
@@ -132,9 +140,11 @@ def coverage(models: list[str], size: int) -> None:
             print(f"  ok    {name:24s} MACs ratio {after / before:.3f}  prune {seconds:.2f}s", flush=True)
         except Exception as error:  # report every failure and go on
             failures += 1
-            last = traceback.extract_tb(error.__traceback__)[-1]
+            last = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
             print(f"  FAIL  {name:24s} {type(error).__name__}: {str(error).splitlines()[0][:150]} "
-                  f"({os.path.basename(last.filename)}:{last.lineno})", flush=True)
+                  f"({os.path.basename(last.filename)}:{last.lineno})" if last else "", flush=True)
+        finally:
+            signal.alarm(0)
     print(f"{len(models) - failures}/{len(models)} architectures pruned, ran forward/backward with the right shape")
 
 
@@ -145,10 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--coverage", action="store_true", help="run the architecture coverage sweep instead")
+    parser.add_argument("--limit", type=int, default=120, help="seconds per architecture in the coverage sweep")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.coverage:
-        coverage(args.models or COVERAGE_MODELS, 64 if args.size == 224 else args.size)
+        coverage(args.models or COVERAGE_MODELS, 64 if args.size == 224 else args.size, args.limit)
     else:
         speed(args.models or SPEED_MODELS, args.batch, args.size, args.repeats)
 
