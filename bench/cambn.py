@@ -53,12 +53,14 @@ def _scores(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(metrics[f"test/{k}"]) for k in keys if f"test/{k}" in metrics}
 
 
-def train_and_test(recipe: str, seed: int, epochs: int | None, workdir: str) -> tuple[dict[str, float], Any, float]:
+def train_and_test(recipe: str, seed: int, epochs: int | None, workdir: str,
+                   overrides: list[str] | None = None) -> tuple[dict[str, float], Any, float]:
     """Fit a recipe (test on its best checkpoint); returns test scores, the CLI and the wall time."""
     args = ["fit", "--config", recipe, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
             f"--seed_everything={seed}", f"--trainer.default_root_dir={workdir}", _callbacks("cambn" in recipe)]
     if epochs is not None:
         args.append(f"--trainer.max_epochs={epochs}")
+    args += overrides or []
     start = time.perf_counter()
     cli = main(args)
     return _scores(cli.trainer.callback_metrics), cli, time.perf_counter() - start
@@ -129,6 +131,9 @@ def main_bench() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per model")
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--override", action="append", default=[], metavar="ARG",
+                        help="an extra effnets CLI argument for both recipes (repeatable), "
+                             "e.g. --override=--data.init_args.p=8")
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
@@ -137,11 +142,11 @@ def main_bench() -> None:
         times: dict[str, list[float]] = {row: [] for row in ROWS[:2]}
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as workdir:
-                scores, cli, seconds = train_and_test("reid/baseline", seed, args.epochs, workdir)
+                scores, cli, seconds = train_and_test("reid/baseline", seed, args.epochs, workdir, args.override)
                 results[ROWS[0]].append(scores)
                 times[ROWS[0]].append(seconds)
                 results[ROWS[2]].append(adapt_only(cli))
-                scores, _, seconds = train_and_test("reid/cambn", seed, args.epochs, workdir)
+                scores, _, seconds = train_and_test("reid/cambn", seed, args.epochs, workdir, args.override)
                 results[ROWS[1]].append(scores)
                 times[ROWS[1]].append(seconds)
         print(f"\nTest on the procedural multi-camera data, seeds {args.seeds} (mean), "
