@@ -134,6 +134,14 @@ def test_edsr_shapes_and_output_modules():
         assert all(any(m is c for c in convs) for m in outputs)
     with pytest.raises(ValueError, match="scale must be 2, 3, 4 or 8"):
         SuperResolver(scale=5)
+    # with a zero tail the network outputs its skip: the bicubic image, or the input mean without the skip
+    lr = torch.rand(1, 3, 6, 5)
+    for skip in (True, False):
+        task = SuperResolver(scale=3, n_resblocks=1, n_feats=8, bicubic_skip=skip)
+        nn.init.zeros_(task.model.tail.weight), nn.init.zeros_(task.model.tail.bias)
+        expected = (torch.nn.functional.interpolate(lr, scale_factor=3, mode="bicubic") if skip
+                    else torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1).expand(1, 3, 18, 15))
+        torch.testing.assert_close(task(lr), expected)
 
 
 def _write(path, h, w, seed=0):
@@ -216,3 +224,42 @@ def test_recipe_runs_with_fast_dev_run(tmp_path, monkeypatch):
     metrics = cli.trainer.callback_metrics
     assert {"val/psnr", "val/ssim", "val/psnr_bicubic", "val/psnr_gain"} <= set(metrics)
     assert 20 < float(metrics["val/psnr_bicubic"]) < 40
+
+
+class _ImageRecorder(pl.loggers.Logger):
+    """A logger that keeps what ``log_image`` receives (W&B's signature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = {}
+
+    name, version = "recorder", 0
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.images[key] = (images, kwargs.get("caption"))
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_validation_logs_lr_bicubic_sr_hr_crops():
+    gen = torch.Generator().manual_seed(2)
+    lr = torch.randint(0, 256, (1, 3, 30, 40), generator=gen) / 255.0
+    hr = torch.rand(1, 3, 60, 80, generator=gen)
+    task = SuperResolver(scale=2, n_resblocks=1, n_feats=8, log_samples=1, sample_crop=33)
+    recorder = _ImageRecorder()
+    _trainer(logger=recorder).validate(task, DataLoader(TensorDataset(lr, hr), batch_size=1), verbose=False)
+    images, captions = recorder.images["val/samples/0"]
+    assert [c.split(": ")[1] for c in captions] == ["LR (x2 nearest)", "bicubic", "SR", "HR"]
+    assert all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in images)  # 33 -> a multiple of 2
+    top, left = 14, 24  # centred crop on the x2 grid
+    hr_crop = (hr[0, :, top:top + 32, left:left + 32].permute(1, 2, 0) * 255).round().byte().numpy()
+    np.testing.assert_array_equal(images[3], hr_crop)
+    lr_pixel = (lr[0, :, top // 2, left // 2] * 255).round().byte().numpy()
+    assert (images[0][:2, :2] == lr_pixel).all()  # each LR pixel shown as a 2x2 block
+    bicubic = torch.nn.functional.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
+    expected = (bicubic[0, :, top:top + 32, left:left + 32].permute(1, 2, 0) * 255).round().byte().numpy()
+    np.testing.assert_array_equal(images[1], expected)

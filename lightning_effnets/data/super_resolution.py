@@ -223,8 +223,8 @@ class _SRDataModule(pl.LightningDataModule):
         if batch_size < 1 or patches_per_epoch < 1:
             raise ValueError(f"batch_size ({batch_size}) and patches_per_epoch ({patches_per_epoch}) must be >= 1")
         self.scale, self.crop_size, self.batch_size = scale, crop_size, batch_size
-        self.patches_per_epoch, self.augment, self.modcrop, self.quantize = patches_per_epoch, augment, modcrop, quantize
-        self.num_workers = num_workers
+        self.patches_per_epoch, self.augment, self.modcrop = patches_per_epoch, augment, modcrop
+        self.quantize, self.num_workers = quantize, num_workers
         self.splits: dict[str, Dataset] = {}
 
     def _split_images(self) -> dict[str, list[HRImage]]:
