@@ -115,6 +115,8 @@ def test_camera_ids_flow_to_the_module_and_missing_ones_are_clear_errors():
         task.training_step(no_cameras, 0)
     with pytest.raises(ValueError, match="must be integers >= 0"):
         task.side_information({**batch, "camera_ids": batch["camera_ids"] - 5})
+    with pytest.raises(ValueError, match=r"person id 1\d is outside \[0, num_classes=4\)"):
+        task.training_step({**batch, "person_ids": batch["person_ids"] + 10}, 0)
 
 
 def test_empty_gallery_is_a_clear_error():

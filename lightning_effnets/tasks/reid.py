@@ -239,10 +239,10 @@ class PersonReID(EffnetsTaskMixin, pl.LightningModule):
         data = unpack_reid_batch(batch)
         labels = data.person_ids
         num_classes = self.hparams.num_classes
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"training person id {int(labels.max()) if int(labels.min()) >= 0 else int(labels.min())} "
-                             f"is outside [0, num_classes={num_classes}); training ids must be relabelled to class "
-                             "indices (the ReID datamodules do this)")
+        outside = (labels < 0) | (labels >= num_classes)
+        if bool(outside.any()):
+            raise ValueError(f"training person id {int(labels[outside][0])} is outside [0, num_classes={num_classes}); "
+                             "training ids must be relabelled to class indices (the ReID datamodules do this)")
         out = self.model(data.images)
         id_loss = F.cross_entropy(out.logits, labels, label_smoothing=self.hparams.label_smoothing)
         triplet = batch_hard_triplet_loss(out.features, labels, self.hparams.triplet_margin)
