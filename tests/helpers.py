@@ -54,6 +54,8 @@ def read_wandb_history(run_dir: str | Path) -> dict[str, list[Any]]:
     """
     import wandb
 
+    if wandb.run is not None:  # a Trainer's WandbLogger leaves its run open; a torn-down open run would be
+        wandb.run.finish()     # reused (and fail) by the next WandbLogger in this process
     wandb.teardown()
     files = sorted(Path(run_dir).rglob("run-*.wandb"))
     assert files, f"no run-*.wandb file under {run_dir}"
