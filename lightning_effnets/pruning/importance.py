@@ -119,7 +119,7 @@ class MagnitudeCriterion(Criterion):
             items = [i for i in items if i.name == group.root and i.is_out][:1]
 
         def norm(rows: Tensor) -> Tensor:
-            return rows.abs().sum(1) if self.p == 1 else rows.square().sum(1)
+            return torch.linalg.vector_norm(rows, ord=self.p, dim=1).pow(self.p)
 
         def local(item: ChannelItem) -> Tensor | None:
             return _per_channel(item, item.module.weight, norm)
@@ -141,7 +141,7 @@ class BNScaleCriterion(Criterion):
         items = [i for i in group.items if layer_kind(i.module) == "norm"]
 
         def local(item: ChannelItem) -> Tensor | None:
-            return _per_channel(item, item.module.weight, lambda rows: rows.abs().sum(1))
+            return _per_channel(item, item.module.weight, lambda rows: torch.linalg.vector_norm(rows, ord=1, dim=1))
 
         return _accumulate(group, items, local)
 

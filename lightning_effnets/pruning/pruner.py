@@ -115,7 +115,7 @@ class StructuredPruner:
             uniform = score_groups(groups, lambda g: torch.zeros(g.channels), self.initial_channels, self.layer_ratios)
             solve_ratio(model, self.macs_target, float(self.initial_macs or 1.0),
                         lambda r: select_channels(uniform, r, round_to=self.round_to, max_layer_ratio=self.max_layer_ratio),
-                        apply=lambda clone, d: apply_decisions(clone, build_graph(clone, example_input), d, True),
+                        apply=lambda clone, d: apply_decisions(clone, build_graph(clone, example_input), d, True, False),
                         count_macs=lambda clone: float(profile(clone, example_input, measure_latency=False).macs),
                         max_ratio=max(self.max_layer_ratio, 0.5), iterations=0)
         return groups
@@ -144,18 +144,20 @@ class StructuredPruner:
         ratio, _ = solve_ratio(
             model, keep, float(self.initial_macs or 1.0), decide,
             apply=lambda clone, decisions: apply_decisions(clone, build_graph(clone, example_input), decisions,
-                                                          skip_invalid=True),
+                                                          skip_invalid=True, track=False),
             count_macs=lambda clone: float(profile(clone, example_input, measure_latency=False).macs),
             max_ratio=max(self.max_layer_ratio, 0.5))
         self.last_ratio = ratio
         return decide(ratio)
 
-    def apply(self, model: nn.Module, example_input: Any, decisions: Sequence[Decision]) -> Surgery:
+    def apply(self, model: nn.Module, example_input: Any, decisions: Sequence[Decision], track: bool = True
+              ) -> Surgery:
         """Cut ``decisions`` out of ``model`` (skipping any that would empty a coupled layer), append the applied
-        ones to its record, check that it still runs."""
+        ones to its record, check that it still runs. ``track`` computes the old -> new parameter index maps
+        that optimizer state needs."""
         cached, self._graph = self._graph, None
         graph = cached[1] if cached is not None and cached[0] is model else build_graph(model, example_input)
-        surgery = apply_decisions(model, graph, decisions, skip_invalid=True)
+        surgery = apply_decisions(model, graph, decisions, skip_invalid=True, track=track)
         record = get_record(model) or PruningRecord(input=input_spec(example_input))
         record.steps.append(surgery.applied)
         attach_record(model, record)
@@ -228,5 +230,5 @@ def prune(
                          "relative to the original width, so prune the original model once, or use the "
                          "ChannelPruning callback for iterative pruning")
     decisions = pruner.plan(model, example_input, 1.0, output_modules)
-    pruner.apply(model, example_input, decisions)
+    pruner.apply(model, example_input, decisions, track=False)
     return model, get_record(model)  # type: ignore[return-value]

@@ -100,7 +100,7 @@ def replay(model: nn.Module, record: PruningRecord, start: int = 0) -> None:
     example = record.example_input(_device(model))
     for step in record.steps[start:]:
         graph = build_graph(model, example)
-        apply_decisions(model, graph, step)
+        apply_decisions(model, graph, step, track=False)
 
 
 def _state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

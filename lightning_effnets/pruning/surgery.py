@@ -41,11 +41,18 @@ class ParamChange:
         return tensor.reshape(-1)[self.index.to(tensor.device)].view(self.new.shape)
 
 
-class _IndexTags:
-    """Context manager: parameters hold their flat indices inside, real values are restored on exit."""
+_EXACT_FLOAT32 = 2**24  # float32 represents every integer up to this exactly
 
-    def __init__(self, model: nn.Module) -> None:
+
+class _IndexTags:
+    """Context manager: parameters hold their flat indices inside, real values are restored on exit.
+
+    With ``track=False`` the real values are pruned directly (no index map; only requires_grad and parameter
+    attributes are carried over), which is all a Trainer-free one-shot prune needs."""
+
+    def __init__(self, model: nn.Module, track: bool = True) -> None:
         self.model = model
+        self.track = track
         self.changes: dict[nn.Parameter, ParamChange] = {}
 
     def __enter__(self) -> _IndexTags:
@@ -57,31 +64,41 @@ class _IndexTags:
                 continue
             by_id[id(p)] = len(self.saved)
             self.saved.append(([name], p, p.data, p.grad))
-        with torch.no_grad():
-            for _, p, data, _ in self.saved:
-                p.grad = None
-                p.data = torch.arange(p.numel(), dtype=torch.float64, device=data.device).view(data.shape)
+        if self.track:
+            with torch.no_grad():
+                for _, p, data, _ in self.saved:
+                    p.grad = None
+                    dtype = torch.float32 if p.numel() <= _EXACT_FLOAT32 else torch.float64
+                    p.data = torch.arange(p.numel(), dtype=dtype, device=data.device).view(data.shape)
         return self
 
     def __exit__(self, *exc: object) -> None:
         with torch.no_grad():
             for names, old, data, grad in self.saved:
-                old.data = data
-                old.grad = grad
                 replacements = {id(p): p for p in (self._get(n) for n in names) if p is not None and p is not old}
                 if len(replacements) > 1:
                     raise RuntimeError(f"tied parameter {names} was replaced by different tensors during pruning")
-                if not replacements:
+                new = next(iter(replacements.values())) if replacements else None
+                if not self.track:
+                    if new is not None:
+                        self._carry(old, new)
                     continue
-                new = next(iter(replacements.values()))
+                old.data = data
+                old.grad = grad
+                if new is None:
+                    continue
                 index = new.data.to(torch.long).reshape(-1)
                 new.data = data.reshape(-1)[index].view(new.shape).clone()
-                new.requires_grad_(old.requires_grad)
-                for attr, value in vars(old).items():  # markers such as a binary layer's "is ±1" flag
-                    if not hasattr(new, attr):
-                        setattr(new, attr, value)
+                self._carry(old, new)
                 new.grad = None if grad is None else grad.reshape(-1)[index].view(new.shape).clone()
                 self.changes[old] = ParamChange(name=names[0], old=old, new=new, index=index)
+
+    @staticmethod
+    def _carry(old: nn.Parameter, new: nn.Parameter) -> None:
+        new.requires_grad_(old.requires_grad)  # Torch-Pruning's new parameters always require grad
+        for attr, value in vars(old).items():  # markers such as a binary layer's "is ±1" flag
+            if not hasattr(new, attr):
+                setattr(new, attr, value)
 
     def _get(self, name: str) -> nn.Parameter | None:
         try:
@@ -100,19 +117,20 @@ class Surgery:
 
 
 def apply_decisions(model: nn.Module, graph: tp.DependencyGraph, decisions: Sequence[Decision],
-                    skip_invalid: bool = False) -> Surgery:
+                    skip_invalid: bool = False, track: bool = True) -> Surgery:
     """Remove the decided output channels of each root layer (and everything coupled to them), in order.
 
     ``graph`` must have been built on ``model``. A decision that would empty a coupled layer (possible when
     split/concat index mappings couple a group to a narrower layer) is skipped with ``skip_invalid``, as
     Torch-Pruning's own pruners do, and is an error otherwise (replaying a record must apply every step).
+    ``track=False`` skips the index map (``Surgery.changes`` stays empty): for pruning without an optimizer.
     """
     names = {name: module for name, module in model.named_modules()}
     applied: list[Decision] = []
     skipped: list[Decision] = []
     if not decisions:
         return Surgery({}, applied, skipped)
-    with _IndexTags(model) as tags:
+    with _IndexTags(model, track) as tags:
         for root, idxs in decisions:
             if root not in names:
                 raise KeyError(f"pruning decision names layer {root!r}, which {type(model).__name__} does not have")
