@@ -168,7 +168,7 @@ def test_restore_binary_rebuilds_the_structure_for_loading():
     torch.manual_seed(0)
     net = _net()
     report = to_binary(net, scale=True, relu="prelu")
-    record = {"converted": report.converted, "options": {"activation": "approx_sign", "scale": True,
+    record = {"converted": report.converted, "options": {"activation": "ste", "scale": True,
                                                            "balanced": False, "latent": False, "relu": "prelu"}}
     fresh = _net()
     with pytest.raises(RuntimeError):

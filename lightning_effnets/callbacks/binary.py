@@ -3,8 +3,10 @@
 ``Binarization`` converts ``pl_module.model`` with :func:`lightning_effnets.convert.to_binary` in
 ``setup`` (before the optimizer exists), so a checkpoint of the converted model reloads into the same
 structure when the callback is present (``Trainer.fit(ckpt_path=...)``, ``trainer.test(ckpt_path=...)``);
-outside the Trainer, :meth:`Binarization.record_from_checkpoint` + :func:`~lightning_effnets.convert.restore_binary`
-rebuild it.
+outside the Trainer, :meth:`Binarization.restore` (or :meth:`Binarization.record_from_checkpoint` +
+:func:`~lightning_effnets.convert.restore_binary`) rebuilds it. With ``strategy="ddp_spawn"`` the conversion
+happens in the worker processes only: the launching process gets the trained weights back into its
+*unconverted* model, so reload them from a checkpoint with :meth:`Binarization.restore` there.
 
 ``BopOptimizer`` trains the ±1 weights with Bop (arXiv:1906.02107) and every other parameter with a
 real-valued optimizer. Lightning's automatic optimization drives one optimizer per step, so after the
@@ -17,7 +19,7 @@ The hybrid's state is ``{"real", "binary"}`` in the checkpoint, restored on resu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,13 +27,12 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_effnets.convert.binary import RELU_REPLACEMENTS, restore_binary, to_binary
-from lightning_effnets.layers.binary import ESTIMATORS, binary_parameters, iter_binary_layers
+from lightning_effnets.convert.binary import RELU_REPLACEMENTS, ReluReplacement, restore_binary, to_binary
+from lightning_effnets.layers.binary import ESTIMATORS, Estimator, binary_parameters, iter_binary_layers
 from lightning_effnets.optim.bop import Bop, HybridOptimizer, _validate_hyperparameters, check_partition
+from lightning_effnets.tasks.base import OptimizerFactory
 
 __all__ = ["Binarization", "BopOptimizer"]
-
-OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 
 
 def _task_model(pl_module: pl.LightningModule, who: str) -> nn.Module:
@@ -54,8 +55,8 @@ class Binarization(pl.Callback):
     """
 
     def __init__(self, skip_first: bool = True, skip_last: bool = True, include: Any = None, exclude: Any = None,
-                 activation: str | None = "approx_sign", scale: bool = False, balanced: bool = False,
-                 latent: bool = False, relu: str | None = "identity") -> None:
+                 activation: Estimator | None = "ste", scale: bool = False, balanced: bool = False,
+                 latent: bool = False, relu: ReluReplacement | None = "identity") -> None:
         if activation is not None and activation not in ESTIMATORS:
             raise ValueError(f"Binarization(activation=...) must be None or one of {ESTIMATORS}, got {activation!r}")
         if relu is not None and relu not in RELU_REPLACEMENTS:

@@ -16,15 +16,16 @@ Functional ReLUs (``F.relu`` inside ``forward``) cannot be replaced.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
 from lightning_effnets.convert.core import ConversionReport, _matches, replace_layers, set_submodule
-from lightning_effnets.layers.binary import ESTIMATORS, BinaryConv2d, BinaryLinear
+from lightning_effnets.layers.binary import ESTIMATORS, BinaryConv2d, BinaryLinear, Estimator
 
-__all__ = ["RELU_REPLACEMENTS", "restore_binary", "to_binary"]
+__all__ = ["RELU_REPLACEMENTS", "ReluReplacement", "restore_binary", "to_binary"]
 
+ReluReplacement = Literal["identity", "hardtanh", "prelu"]
 RELU_REPLACEMENTS: tuple[str, ...] = ("identity", "hardtanh", "prelu")
 
 
@@ -49,11 +50,11 @@ def to_binary(
     include: Any = None,
     exclude: Any = None,
     *,
-    activation: str | None = "approx_sign",
+    activation: Estimator | None = "ste",
     scale: bool = False,
     balanced: bool = False,
     latent: bool = False,
-    relu: str | None = "identity",
+    relu: ReluReplacement | None = "identity",
 ) -> ConversionReport:
     """Replace ``nn.Conv2d``/``nn.Linear`` layers of ``model`` by binary ones, in place.
 
@@ -120,7 +121,7 @@ def restore_binary(model: nn.Module, record: dict[str, Any]) -> ConversionReport
         raise ValueError("the binarisation record lists no converted layer")
     exact = set(names)
     report = to_binary(model, skip_first=False, skip_last=False, include=lambda n, m: n in exact,
-                       activation=options.get("activation", "approx_sign"), scale=options.get("scale", False),
+                       activation=options.get("activation", "ste"), scale=options.get("scale", False),
                        balanced=options.get("balanced", False), latent=options.get("latent", False),
                        relu=options.get("relu", "identity"))
     missing = exact - set(report.converted)

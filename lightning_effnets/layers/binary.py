@@ -42,6 +42,7 @@ from lightning_effnets.cost import OpCount, register_cost
 
 __all__ = [
     "ESTIMATORS",
+    "Estimator",
     "BinaryConv2d",
     "BinaryLinear",
     "RPReLU",
@@ -106,7 +107,7 @@ def approx_sign(x: Tensor) -> Tensor:
     return _ApproxSign.apply(x)
 
 
-def binarize(x: Tensor, estimator: str = "ste") -> Tensor:
+def binarize(x: Tensor, estimator: Estimator = "ste") -> Tensor:
     """``sign(x)`` in {-1, +1} with the named surrogate gradient (see :data:`ESTIMATORS`)."""
     if estimator == "ste":
         return sign_ste(x)
@@ -224,7 +225,7 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
                  dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False,
                  padding_mode: str = "zeros", device: Any = None, dtype: Any = None, *,
-                 activation: str | None = "ste", scale: bool = False, balanced: bool = False,
+                 activation: Estimator | None = "ste", scale: bool = False, balanced: bool = False,
                  latent: bool = False) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
@@ -261,7 +262,7 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
     """``nn.Linear`` with binary weights and (optionally) binary inputs; options as :class:`BinaryConv2d`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device: Any = None,
-                 dtype: Any = None, *, activation: str | None = "ste", scale: bool = False,
+                 dtype: Any = None, *, activation: Estimator | None = "ste", scale: bool = False,
                  balanced: bool = False, latent: bool = False) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_binary(activation, scale, balanced, latent)
@@ -317,7 +318,7 @@ class RSign(nn.Module):
         estimator: surrogate gradient of the sign, ``"ste"`` or ``"approx_sign"``.
     """
 
-    def __init__(self, channels: int, estimator: str = "approx_sign") -> None:
+    def __init__(self, channels: int, estimator: Estimator = "ste") -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
