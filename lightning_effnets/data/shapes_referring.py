@@ -30,8 +30,8 @@ from torch.utils.data import Dataset
 
 from lightning_effnets.data.referring import ReferringDataModuleBase, _SampleList
 
-__all__ = ["ShapesReferringDataModule", "ShapeObject", "ReferringScene", "generate_scene", "COLOURS", "SHAPES",
-           "SIZES"]
+__all__ = ["ShapesReferringDataModule", "ShapeObject", "ReferringScene", "generate_scene", "describe", "COLOURS",
+           "SHAPES", "SIZES"]
 
 COLOURS: dict[str, tuple[int, int, int]] = {"red": (215, 45, 40), "green": (50, 165, 60), "blue": (45, 85, 215),
                                             "yellow": (230, 200, 35)}

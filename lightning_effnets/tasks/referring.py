@@ -19,8 +19,13 @@ the box of the object it refers to, in one pass and without region proposals:
    of the best-scoring cell.
 
 Differences from the paper (deliberate, for small CPU budgets): one output scale instead of three
-AFS/GARAN branches + FPN, a GRU instead of an LSTM, no auxiliary attention-map loss. Each is a
-parameter or a small module to swap.
+AFS/GARAN branches + FPN, a GRU instead of an LSTM, AFS weights per level *and channel*, no auxiliary
+attention-map loss. Each is a parameter or a small module to swap.
+
+``self.model`` (:class:`GroundingNet`) is written so that Torch-Pruning's dependency graph can trace it
+(no concatenation of tensors that no layer produced, no packed sequences); structural pruning must keep
+the GARAN width divisible by ``garan_heads`` (``round_to=garan_heads``) and leave the text encoder and
+:meth:`ReferringExpressionGrounder.output_modules` alone.
 """
 
 from __future__ import annotations
