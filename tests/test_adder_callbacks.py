@@ -188,3 +188,14 @@ def test_ddp_two_processes_keep_identical_weights() -> None:
     trainer = _trainer(max_steps=3, strategy="ddp_spawn", devices=2, accumulate_grad_batches=2,
                        callbacks=[AdaptiveAdderLR(), SameWeightsOnEveryRank()])
     trainer.fit(module, _loader(n=64, batch_size=4))
+
+
+def test_adder_recipe_runs(tmp_path, monkeypatch) -> None:
+    from lightning_effnets.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", "classification/adder", "--trainer.fast_dev_run=true",
+                "--model.init_args.backbone=resnet10t"])
+    assert cli.trainer.global_step == 1
+    converted = [n for n, m in cli.model.model.named_modules() if isinstance(m, Adder2d)]
+    assert len(converted) == 13 and isinstance(cli.model.model.conv1[0], nn.Conv2d)
