@@ -188,6 +188,20 @@ def test_option_errors_and_missing_model():
         _trainer(max_steps=1, callbacks=[Binarization()]).fit(NoModel(), _loader())
 
 
+def test_binarization_keeps_every_output_head_real_and_converts_once():
+    task = _task()
+    task.output_modules = lambda: [task.model.fc, task.model.layer4[0].conv2]  # e.g. a second head
+    callback = Binarization()
+    callback.setup(None, task, "fit")
+    assert type(task.model.layer4[0].conv2) is torch.nn.Conv2d and type(task.model.fc) is torch.nn.Linear
+    assert callback.record["kept"]["layer4.0.conv2"] == "excluded"
+    record = dict(callback.record)
+    callback.setup(None, task, "test")  # a second stage does not convert again
+    assert callback.record == record
+    with pytest.raises(ValueError, match="converted differently"):
+        callback.load_state_dict({**record, "converted": record["converted"][:-1]})
+
+
 class _SameWeightsOnAllRanks(pl.Callback):
     """Runs in every DDP worker: binary weights must be identical across ranks, and must have moved."""
 

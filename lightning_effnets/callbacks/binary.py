@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_effnets.convert.binary import RELU_REPLACEMENTS, ReluReplacement, restore_binary, to_binary
+from lightning_effnets.convert.core import _matches
 from lightning_effnets.layers.binary import ESTIMATORS, Estimator, binary_parameters, iter_binary_layers
 from lightning_effnets.optim.bop import Bop, HybridOptimizer, _validate_hyperparameters, check_partition
 from lightning_effnets.tasks.base import OptimizerFactory
@@ -47,7 +48,8 @@ class Binarization(pl.Callback):
     """Convert the task's network to a binary network in ``setup`` (see :func:`~lightning_effnets.convert.to_binary`).
 
     Args: those of :func:`~lightning_effnets.convert.to_binary` (``skip_first``, ``skip_last``, ``include``,
-    ``exclude``, ``activation``, ``scale``, ``balanced``, ``latent``, ``relu``).
+    ``exclude``, ``activation``, ``scale``, ``balanced``, ``latent``, ``relu``). With ``skip_last`` the task's
+    ``output_modules()`` (all its output heads) stay real too, not only the last layer.
 
     Logs ``effnets/binary/converted_layers`` and ``effnets/binary/binary_weight_fraction`` (share of the
     network's parameters that are binary) at the start of training. Its state (the converted layer names
@@ -75,7 +77,13 @@ class Binarization(pl.Callback):
         model = _task_model(pl_module, "Binarization")
         if self.record is not None and _is_converted(model, self.record):
             return  # setup runs once per stage (fit, then test, ...): convert only once
-        report = to_binary(model, self.skip_first, self.skip_last, self.include, self.exclude, **self.options)
+        exclude = self.exclude
+        outputs = pl_module.output_modules() if self.skip_last and hasattr(pl_module, "output_modules") else []
+        if outputs:  # every output head of the task stays real (detection has several), not only the last layer
+            output_names = {name for name, m in model.named_modules() if any(m is o for o in outputs)}
+            user_exclude = self.exclude
+            exclude = lambda name, m: name in output_names or _matches(user_exclude, name, m)  # noqa: E731
+        report = to_binary(model, self.skip_first, self.skip_last, self.include, exclude, **self.options)
         self.record = {"converted": list(report.converted), "kept": dict(report.kept), "options": dict(self.options)}
         layers = sum(1 for _ in iter_binary_layers(model))
         rank_zero_info(f"Binarization: {layers} binary layer(s), kept full precision: "
