@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
 
 from lightning_effnets.data.detection import DetectionTarget, check_boxes, detection_collate, letterbox, make_target
 
@@ -121,7 +122,7 @@ class CocoDetection(Dataset):
         if not path.is_file():
             raise FileNotFoundError(f"{self.source}: image file {str(path)!r} (id {info['id']}) does not exist")
         mode = ImageReadMode.RGB if self.in_chans == 3 else ImageReadMode.GRAY
-        image = decode_image(str(path), mode=mode).float() / 255
+        image = to_dtype(decode_image(str(path), mode=mode), torch.float32, scale=True)  # uint8 or uint16
         height, width = image.shape[-2:]
         if (info.get("width"), info.get("height")) not in ((None, None), (width, height)):
             raise ValueError(f"{self.source}: image {str(path)!r} is {width}x{height} but the json says "

@@ -234,6 +234,10 @@ class ObjectDetector(EffnetsTaskMixin, pl.LightningModule):
     the pycocotools backend) and, per validation epoch, ``log_samples`` images with true (green) and
     predicted (red) boxes.
 
+    The defaults follow the paper's layout (P3-P5 from the backbone plus P6/P7, four-conv head towers,
+    its level ranges) at a lighter width, for real images of a few hundred pixels; small images need
+    finer strides and smaller level boundaries (see ``recipes/detection/baseline.yaml``).
+
     Args:
         backbone: timm model name, created with ``features_only=True`` and ``pretrained=False``.
         num_classes: object classes; checked against the datamodule's ``num_classes``.
@@ -242,7 +246,7 @@ class ObjectDetector(EffnetsTaskMixin, pl.LightningModule):
         strides: backbone feature strides fed to the FPN (e.g. ``[8, 16, 32]`` = ResNet C3-C5).
         fpn_channels: FPN and head width.
         head_convs: convolutions per head tower.
-        p6p7: add FCOS's extra levels P6 and P7.
+        p6p7: add FCOS's extra levels P6 and P7 (strides x2 and x4 of the last backbone level).
         level_boundaries: largest box-side distance each level regresses, one value per boundary
             between consecutive levels (so ``len(levels) - 1`` values); default FCOS's ``4 * stride``
             of the next level (64, 128, ... for strides 8, 16, ...). Small images need smaller values.
@@ -260,11 +264,11 @@ class ObjectDetector(EffnetsTaskMixin, pl.LightningModule):
         backbone: str = "resnet18",
         num_classes: int = 4,
         in_chans: int = 3,
-        image_size: int = 96,
+        image_size: int = 512,
         strides: Sequence[int] = (8, 16, 32),
-        fpn_channels: int = 64,
+        fpn_channels: int = 128,
         head_convs: int = 4,
-        p6p7: bool = False,
+        p6p7: bool = True,
         level_boundaries: Sequence[float] | None = None,
         center_sampling_radius: float = 1.5,
         focal_alpha: float = 0.25,
