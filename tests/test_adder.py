@@ -174,3 +174,22 @@ def test_cost_counts_additions_only() -> None:
     assert report.mults == conv_macs
     assert report.adds == conv_macs + 2 * adder_positions
     assert report.macs == conv_macs + adder_positions
+
+
+@pytest.mark.parametrize("tile", [64, 2000])
+def test_torch_path_tiles_match_brute_force(tile: int, monkeypatch) -> None:
+    """Tiny tiles force the pure-PyTorch path through its sample and output-channel chunk loops."""
+    import lightning_effnets.layers.adder as adder_module
+
+    monkeypatch.setattr(adder_module, "_TILE_ELEMENTS", tile)
+    monkeypatch.setenv("EFFNETS_ADDER_BACKEND", "torch")
+    xs, ws, stride, padding, dilation, groups = CASES[1]
+    x = torch.randn(5, *xs[1:], dtype=torch.float64, requires_grad=True)
+    w = torch.randn(ws, dtype=torch.float64, requires_grad=True)
+    y = adder2d(x, w, None, stride, padding, dilation, groups)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    y_ref, gx_ref, gw_ref = brute_force(x.detach(), w.detach(), g, stride, padding, dilation, groups)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gw, gw_ref)
