@@ -73,7 +73,8 @@ class _CheckedTask(EffnetsTaskMixin, pl.LightningModule):
 def test_ddp_adaptation_combines_camera_statistics_across_ranks():
     g = torch.Generator().manual_seed(0)
     cameras = torch.tensor([0, 0, 1, 1, 5, 5] * 4)  # the DistributedSampler gives each rank half of every camera
-    images = torch.randn(len(cameras), 3, 8, 8, generator=g) * (1 + cameras.view(-1, 1, 1, 1)) + cameras.view(-1, 1, 1, 1)
+    scale = cameras.view(-1, 1, 1, 1).float()
+    images = torch.randn(len(cameras), 3, 8, 8, generator=g) * (1 + scale) + scale
     task = _CheckedTask(images, cameras)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,

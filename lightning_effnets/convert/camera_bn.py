@@ -9,6 +9,8 @@ exactly what it computed before until camera statistics are estimated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from lightning_effnets.convert.core import ConversionReport, replace_layers
@@ -23,7 +25,7 @@ def _is_bn(name: str, module: nn.Module) -> bool:
     return isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))
 
 
-def _build(num_cameras: int) -> object:
+def _build(num_cameras: int) -> Callable[[str, nn.Module], nn.Module]:
     def build(name: str, bn: nn.Module) -> nn.Module:
         cls = CameraBatchNorm2d if isinstance(bn, nn.BatchNorm2d) else CameraBatchNorm1d
         ref = bn.weight if bn.weight is not None else bn.running_mean
@@ -63,5 +65,6 @@ def to_camera_bn(model: nn.Module, num_cameras: int, *, include: object = None, 
     """
     if int(num_cameras) < 1:
         raise ValueError(f"to_camera_bn: num_cameras must be >= 1, got {num_cameras}")
-    return replace_layers(model, kind="camera_bn", candidate=_is_bn, build=_build(int(num_cameras)),  # type: ignore[arg-type]
+    build = _build(int(num_cameras))
+    return replace_layers(model, kind="camera_bn", candidate=_is_bn, build=build,
                           include=include, exclude=exclude, keep_first=keep_first, keep_last=keep_last)
