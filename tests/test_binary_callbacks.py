@@ -202,6 +202,22 @@ def test_binarization_keeps_every_output_head_real_and_converts_once():
         callback.load_state_dict({**record, "converted": record["converted"][:-1]})
 
 
+def test_recipe_parses_and_trains_through_the_cli(tmp_path, monkeypatch):
+    from lightning_effnets.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", "classification/binary_bop", "--trainer.limit_train_batches=2",
+                "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.max_epochs=1",
+                "--trainer.log_every_n_steps=1", "--model.init_args.backbone=resnet10t",
+                "--data.init_args.image_size=16", "--model.init_args.image_size=16"])
+    assert cli.trainer.global_step == 2
+    hybrid = cli.trainer.optimizers[0]
+    assert isinstance(hybrid, HybridOptimizer) and type(hybrid.real) is torch.optim.Adam
+    assert hybrid.binary.param_groups[0]["gamma"] == 1e-3 and hybrid.binary.param_groups[0]["threshold"] == 1e-6
+    history = read_wandb_history(next((tmp_path / "wandb").glob("offline-run-*")))
+    assert len(history["effnets/bop/flip_ratio"]) == 2 and history["effnets/cost/start/binary_ops"][0] > 0
+
+
 class _SameWeightsOnAllRanks(pl.Callback):
     """Runs in every DDP worker: binary weights must be identical across ranks, and must have moved."""
 
