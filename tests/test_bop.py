@@ -36,7 +36,7 @@ def test_acceptance_example(foreach):
 
 
 @pytest.mark.parametrize("foreach", [True, False])
-@pytest.mark.parametrize("tau", [0.0, 0.05])
+@pytest.mark.parametrize("tau", [0.0, 1e-25, 0.05])
 def test_update_matches_float64_reference(foreach, tau):
     gen = torch.Generator().manual_seed(1)
     w = _binary(7, 5, seed=2)
@@ -85,7 +85,8 @@ def _many_params():
 
 def test_vectorised_path_equals_per_tensor_loop_bitwise():
     fast, slow = _many_params(), _many_params()
-    groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:], "gamma": 0.2, "threshold": 0.0}]  # noqa: E731
+    groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:6], "gamma": 0.2, "threshold": 0.0},  # noqa: E731
+                         {"params": ps[6:], "threshold": 1e-25}]  # the tiny threshold uses the unscaled path
     opt_fast = Bop(groups(fast), gamma=0.05, threshold=1e-3, foreach=True, track_flips=True)
     opt_slow = Bop(groups(slow), gamma=0.05, threshold=1e-3, foreach=False, track_flips=True)
     gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,9 @@ weight in one fused pass: ``-sign(q - w)`` wherever ``q != w`` and ``w`` at the 
 is four ``torch._foreach_*`` calls over all parameters (momentum decay, gradient accumulation, lerp,
 sign), against three for ``SGD(momentum, foreach=True)``; ``bench/bop.py`` measures the ratio. The
 per-tensor path (``foreach=False``) computes the same ``q`` and flips with ``torch.where(w*q > 1, -w, w)``;
-both are bit-identical. ``gamma`` and ``threshold`` are ordinary param-group entries, so anything that
+both are bit-identical. For ``threshold=0`` (and thresholds below 1e-20, where ``m / threshold`` could
+overflow) the state is ``m`` itself and the new weight is ``sign(w - 2 sign(m - threshold w))``, two more
+passes. ``gamma`` and ``threshold`` are ordinary param-group entries, so anything that
 edits param groups between steps (a scheduler, a callback) schedules them; when ``threshold`` changes the
 stored ``q`` is rescaled so ``m`` is continuous. Half/bfloat16 weights keep a float32 momentum (``1 - gamma``
 rounds to 1 in bfloat16). A non-finite momentum (diverged training) makes the weight NaN on the vectorised
@@ -56,6 +58,10 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _state_dtype(p: Tensor) -> torch.dtype:
     """float32 momentum for half/bfloat16 weights: ``1 - gamma`` (1e-4) would round to 1 in 8 mantissa bits."""
     return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+#: Below this threshold ``m / threshold`` could overflow float32; such thresholds use the unscaled update.
+_MIN_SCALED_THRESHOLD = 1e-20
 
 
 def _lerp_gain(dtype: torch.dtype) -> float:
@@ -158,7 +164,8 @@ class Bop(Optimizer):
         for group in self.param_groups:
             gamma, threshold = group["gamma"], group["threshold"]
             _validate_hyperparameters(gamma, threshold)
-            scale = threshold if threshold > 0 else 1.0
+            scaled = threshold >= _MIN_SCALED_THRESHOLD
+            scale = threshold if scaled else 1.0
             params, grads, moms = [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -180,7 +187,7 @@ class Bop(Optimizer):
             if not params:
                 continue
             update = _multi_tensor_bop if self.foreach else _single_tensor_bop
-            count = update(params, grads, moms, gamma=gamma, scale=scale, thresholded=threshold > 0,
+            count = update(params, grads, moms, gamma=gamma, scale=scale, threshold=threshold,
                            track_flips=self.track_flips)
             if count is not None:
                 flips.append(count)
@@ -211,7 +218,7 @@ def _count_sign_changes(before: list[Tensor], after: list[Tensor]) -> Tensor:
 
 
 def _multi_tensor_bop(params: list[Tensor], grads: list[Tensor], moms: list[Tensor], *, gamma: float,
-                      scale: float, thresholded: bool, track_flips: bool) -> Tensor | None:
+                      scale: float, threshold: float, track_flips: bool) -> Tensor | None:
     counts = []
     for (_, dtype), (ps, gs, qs) in _group_by_device_dtype(params, grads, moms).items():
         # q <- (1 - gamma) q + (gamma / scale) g, i.e. m <- m + gamma (g - m) with q = m / scale
@@ -220,11 +227,15 @@ def _multi_tensor_bop(params: list[Tensor], grads: list[Tensor], moms: list[Tens
         # half/bfloat16 weights flip in float32, the dtype of their momentum
         ws = [p.float() for p in ps] if dtype in _LOW_PRECISION else ps
         before = torch._foreach_clone(ws) if track_flips else None
-        if thresholded:
+        if scale == threshold:  # q = m / threshold: flip iff w q > 1
             torch._foreach_lerp_(ws, qs, -_lerp_gain(qs[0].dtype))  # sign = -sign(q - w), or w where q == w
         else:
-            # threshold 0: flip iff sign(m) == w; w - 2 sign(m) has the new sign (and w's sign if m == 0)
-            torch._foreach_add_(ws, torch._foreach_sign(qs), alpha=-2.0)
+            # q = m (threshold 0 or tiny): flip iff sign(m - threshold w) == w, so the new weight is
+            # sign(w - 2 sign(m - threshold w)); where m == threshold w the weight keeps its sign
+            e = torch._foreach_sub(qs, ws, alpha=threshold) if threshold else torch._foreach_sign(qs)
+            if threshold:
+                torch._foreach_sign_(e)
+            torch._foreach_add_(ws, e, alpha=-2.0)
         torch._foreach_sign_(ws)
         if ws is not ps:
             torch._foreach_copy_(ps, ws)
@@ -236,11 +247,11 @@ def _multi_tensor_bop(params: list[Tensor], grads: list[Tensor], moms: list[Tens
 
 
 def _single_tensor_bop(params: list[Tensor], grads: list[Tensor], moms: list[Tensor], *, gamma: float,
-                       scale: float, thresholded: bool, track_flips: bool) -> Tensor | None:
+                       scale: float, threshold: float, track_flips: bool) -> Tensor | None:
     total: Tensor | None = None
     for p, g, q in zip(params, grads, moms):
         q.mul_(1.0 - gamma).add_(g, alpha=gamma / scale)
-        flip = p * q > (1.0 if thresholded else 0.0)  # w * m > threshold, with q = m / scale (p is ±1)
+        flip = p * q > threshold / scale  # w * m > threshold, with q = m / scale (exact: p is ±1)
         if track_flips:
             n = flip.sum(dtype=torch.float64)
             total = n if total is None else total + n.to(total.device)
