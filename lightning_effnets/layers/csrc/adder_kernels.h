@@ -59,22 +59,44 @@ EFFNETS_INLINE V opaque_one() {
   return vbroadcast<V>(T(one));
 }
 
-// dst[0, len) = src[0, len) in vector chunks (runs are short: a libc memcpy call per run cost more than the copy).
+// Vectors of BYTES bytes, for the copies below (always a power of two between 16 and EFFNETS_VECTOR_BYTES).
+template <typename T, int BYTES>
+struct VecOf {
+  typedef T type __attribute__((vector_size(BYTES)));
+};
+
+// dst[0, len) = src[0, len) (or zeros) with vector moves. Runs are short (one feature-map row, often 8-32
+// values) and the panels are rebuilt for every output block, so this is hot: a libc memcpy call per run cost
+// more than the copy. The tail is covered by one more vector move that overlaps the previous one (it writes the
+// same values again), so no scalar loop runs for len >= 16 bytes.
+template <typename T, int BYTES, bool ZERO>
+EFFNETS_INLINE bool move_run(T* dst, const T* src, int64_t len) {
+  using V = typename VecOf<T, BYTES>::type;
+  constexpr int64_t W = BYTES / sizeof(T);
+  if (len < W) return false;
+  int64_t t = 0;
+  for (; t + W <= len; t += W) vstore<V>(dst + t, ZERO ? V{} : vload<V>(src + t));
+  if (t < len) vstore<V>(dst + len - W, ZERO ? V{} : vload<V>(src + len - W));
+  return true;
+}
+
+template <typename T, bool ZERO>
+EFFNETS_INLINE void move_any(T* dst, const T* src, int64_t len) {
+  if (move_run<T, EFFNETS_VECTOR_BYTES, ZERO>(dst, src, len)) return;
+  if constexpr (EFFNETS_VECTOR_BYTES >= 64)
+    if (move_run<T, 32, ZERO>(dst, src, len)) return;
+  if constexpr (EFFNETS_VECTOR_BYTES >= 32)
+    if (move_run<T, 16, ZERO>(dst, src, len)) return;
+  for (int64_t t = 0; t < len; ++t) dst[t] = ZERO ? T(0) : src[t];
+}
+
 template <typename T>
 EFFNETS_INLINE void copy_run(T* dst, const T* src, int64_t len) {
-  using V = typename Vec<T>::type;
-  constexpr int VW = Vec<T>::width;
-  int64_t t = 0;
-  for (; t + VW <= len; t += VW) vstore<V>(dst + t, vload<V>(src + t));
-  for (; t < len; ++t) dst[t] = src[t];
+  move_any<T, false>(dst, src, len);
 }
 template <typename T>
 EFFNETS_INLINE void zero_run(T* dst, int64_t len) {
-  using V = typename Vec<T>::type;
-  constexpr int VW = Vec<T>::width;
-  int64_t t = 0;
-  for (; t + VW <= len; t += VW) vstore<V>(dst + t, V{});
-  for (; t < len; ++t) dst[t] = T(0);
+  move_any<T, true>(dst, dst, len);
 }
 
 // dst[t] = src[start + t*step] for t in [0, len), zero where start + t*step leaves [0, size) (the padding).
