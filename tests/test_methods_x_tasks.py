@@ -38,11 +38,7 @@ def _params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("recipe", sorted(SMALL_DATA))
-def test_method_attaches_to_task(recipe, method, tmp_path, monkeypatch, request):
-    if (recipe, method) == ("referring/baseline", "pruning"):
-        # Known gap (README, methods x tasks): Torch-Pruning's index mapping fails on the grounding network's
-        # fusion graph at this size. strict: this test starts failing the day it works, so the table gets updated.
-        request.applymarker(pytest.mark.xfail(raises=IndexError, strict=True))
+def test_method_attaches_to_task(recipe, method, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = main(["fit", "--config", recipe, "--trainer.fast_dev_run=true", *SMALL_DATA[recipe], *METHODS[method]])
     trainer, model = cli.trainer, cli.model.model

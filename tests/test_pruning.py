@@ -278,7 +278,7 @@ def test_resume_mid_schedule_gives_same_structure(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_load_pruned_checkpoint_into_fresh_classifier(tmp_path):
+def test_pruned_checkpoint_loads_tests_and_validates_in_a_fresh_module(tmp_path):
     pl.seed_everything(0)
     task = ImageClassifier(backbone="resnet10t", num_classes=4, in_chans=1, image_size=16, log_samples=0)
     pruning = ChannelPruning(ratio=0.5, start_epoch=0, latency_repeats=2, print_table=True)
@@ -287,19 +287,80 @@ def test_load_pruned_checkpoint_into_fresh_classifier(tmp_path):
     assert task.model.fc.out_features == 4 and task.model.fc.in_features < 512  # output layer kept its outputs
     path = tmp_path / "pruned.ckpt"
     trainer.save_checkpoint(path)
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        ImageClassifier.load_from_checkpoint(path)
-    loaded = load_pruned(ImageClassifier, path)
     x = torch.randn(2, 1, 16, 16)
-    torch.testing.assert_close(loaded.eval()(x), task.eval()(x))
-    again = io.BytesIO()  # the loaded model carries its record into its own state dict
-    torch.save(loaded.state_dict(), again)
+    expected = task.eval()(x)
+    # plain Lightning loading: EffnetsTaskMixin.on_load_checkpoint replays the recorded structure first
+    torch.testing.assert_close(ImageClassifier.load_from_checkpoint(path).eval()(x), expected)
+    torch.testing.assert_close(load_pruned(ImageClassifier, path).eval()(x), expected)  # the explicit one-liner
+    # Trainer.test / validate(ckpt_path=...) on a freshly built, unpruned module without the callback
+    data = _loader(n=32, size=16, seed=3)
+    with torch.no_grad():  # accuracy computed by hand with the pruned model
+        hits = sum(int((task(xb).argmax(1) == yb).sum()) for xb, yb in data)
+    for run in ("test", "validate"):
+        fresh = ImageClassifier(backbone="resnet10t", num_classes=4, in_chans=1, image_size=16, log_samples=0)
+        assert fresh.model.fc.in_features == 512
+        result = getattr(_trainer(), run)(fresh, data, ckpt_path=str(path), verbose=False)[0]
+        stage = "test" if run == "test" else "val"
+        assert result[f"{stage}/acc"] == pytest.approx(hits / 32)
+        assert fresh.model.fc.in_features == task.model.fc.in_features
+    again = io.BytesIO()  # a loaded model carries its record into its own state dict
+    torch.save(fresh.state_dict(), again)
     again.seek(0)
-    fresh = ImageClassifier(backbone="resnet10t", num_classes=4, in_chans=1, image_size=16)
-    from lightning_effnets.pruning import restore_structure
     state = torch.load(again, weights_only=True)
-    assert restore_structure(fresh, state) == ["model"]
-    fresh.load_state_dict(state)
+    other = ImageClassifier(backbone="resnet10t", num_classes=4, in_chans=1, image_size=16)
+    from lightning_effnets.pruning import restore_structure
+    assert restore_structure(other, state) == ["model"]
+    other.load_state_dict(state)
+
+
+def test_untraceable_recurrent_consumer_is_left_unpruned_with_a_warning():
+    class WithGRU(nn.Module):  # a CPU GRU is unrolled into gate ops whose channel mapping Torch-Pruning cannot infer
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.gru, self.b = nn.Linear(4, 8), nn.GRU(8, 16, batch_first=True), nn.Linear(16, 3)
+            self.c, self.d = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(self.gru(self.a(x))[0]).sum(1) + self.d(self.c(x)).sum(1)
+
+    model = WithGRU()
+    x = torch.randn(2, 5, 4)
+    with pytest.warns(UserWarning, match="leaves 'a' unpruned"):
+        model, record = prune(model, x, "l1", ratio=0.5, output_modules=[model.b, model.d])
+    assert (model.a.out_features, model.gru.input_size, model.c.out_features) == (8, 8, 3)
+    assert [root for root, _ in record.steps[0]] == ["c"]
+    assert model(x).shape == (2, 3)
+
+
+class _TwoHeads(nn.Module):
+    """Projections reshaped into ``num_heads`` heads (like an attention block): heads must stay equally wide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 2
+        self.q, self.k, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        b, c, h, w = q.shape
+        mixed = (q * k).reshape(b, self.num_heads, c // self.num_heads, h * w).softmax(2).reshape(b, c, h, w)
+        return self.out(mixed)
+
+
+def test_attention_heads_lose_the_same_channels():
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    old_q = model.q.weight.detach().clone()
+    # per slot s (channel s of head 0 and s + 4 of head 1): mean over q, k filters and out columns of the L1 norms
+    w = [model.q.weight.flatten(1).abs().sum(1), model.k.weight.flatten(1).abs().sum(1),
+         model.out.weight.transpose(0, 1).flatten(1).abs().sum(1)]
+    per_channel = torch.stack(w).mean(0).detach()
+    slot_score = per_channel.view(2, 4).mean(0)
+    kept_slots = sorted(torch.argsort(slot_score, descending=True)[:2].tolist())
+    model, _ = prune(model, torch.randn(1, 3, 4, 4), "l1", ratio=0.375)  # 5 of 8 channels would split the heads
+    kept = [int(torch.nonzero((old_q == f).flatten(1).all(1))[0]) for f in model.q.weight.detach()]
+    assert kept == kept_slots + [s + 4 for s in kept_slots]
+    assert model(torch.randn(2, 3, 4, 4)).shape == (2, 4, 4, 4)
 
 
 def test_callback_rejects_unreachable_budget_and_late_schedule():

@@ -10,6 +10,8 @@ restores the train/eval mode that tracing changes, and turns Torch-Pruning group
 from __future__ import annotations
 
 import fnmatch
+import math
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,13 +88,33 @@ class PrunableGroup:
         return self.channels // self.channel_groups
 
 
-def _channel_groups(graph: tp.DependencyGraph, group: Any) -> int:
-    """Largest channel grouping among the group's layers (Torch-Pruning's convention; depthwise excluded)."""
+def _head_counts(graph: tp.DependencyGraph) -> dict[int, int]:
+    """``id(layer) -> num_heads`` for the direct child layers of every module with an integer ``num_heads``
+    attribute (multi-head attention blocks such as timm's ``Attention`` or the referring task's GARAN unit).
+
+    Such a block reshapes its projections' channels into ``num_heads`` equal heads, so pruning must remove the
+    same number of channels from every head: heads are treated as channel groups (as Torch-Pruning does for
+    ``num_heads`` in its own pruner), which keeps the width divisible by ``num_heads``.
+    """
+    counts: dict[int, int] = {}
+    for parent in graph.model.modules():
+        heads = getattr(parent, "num_heads", None)
+        if isinstance(heads, int) and heads > 1:
+            for child in parent.children():
+                counts[id(child)] = math.lcm(counts.get(id(child), 1), heads)
+    return counts
+
+
+def _channel_groups(graph: tp.DependencyGraph, group: Any, heads: dict[int, int] | None = None) -> int:
+    """Channel grouping the group's layers need (Torch-Pruning's convention; depthwise excluded): the largest
+    grouped-layer count, combined (lcm) with the head count of attention projections (:func:`_head_counts`)."""
     result = 1
     for dep, _ in group:
         module = dep.target.module
         if not isinstance(module, nn.Module):
             continue
+        if heads and id(module) in heads:
+            result = math.lcm(result, heads[id(module)])
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels:
             continue
         pruner = graph.get_pruner_of_module(module)
@@ -102,7 +124,7 @@ def _channel_groups(graph: tp.DependencyGraph, group: Any) -> int:
             count = pruner.get_out_channel_groups(module)
         else:
             count = pruner.get_in_channel_groups(module)
-        result = max(result, int(count or 1))
+        result = math.lcm(result, int(count or 1))
     return result
 
 
@@ -122,12 +144,55 @@ def _items(graph: tp.DependencyGraph, group: Any) -> list[ChannelItem]:
     return items
 
 
+def _root_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[Any]:
+    """Torch-Pruning's ``get_all_groups`` (same root order, ignored layers and visited-layer rule), made robust.
+
+    Two differences, both about roots that cannot lose a channel anyway:
+
+    * roots with a single output channel are skipped (nothing can be removed from them);
+    * a root whose group Torch-Pruning cannot build is skipped with a warning naming it, instead of aborting the
+      whole traversal. This happens when the group's propagation reaches operations whose channel index mapping
+      Torch-Pruning cannot infer, e.g. the per-time-step gate ``chunk`` ops that a CPU ``nn.GRU``/``nn.LSTM`` is
+      unrolled into under autograd: their split sizes are unknown, so the split's offset list is ``[0]`` and the
+      mapping raises ``IndexError``. Such layers' channels cannot be pruned consistently (Torch-Pruning has no
+      pruner for the recurrent weights either), so leaving the root alone is the only correct choice.
+    """
+    names = graph._module2name
+    ignored = ignored + list(graph.IGNORED_LAYERS_IN_TRACING)
+    root_types = root_module_types()
+    visited: set[int] = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, root_types) or any(module is m for m in ignored) or id(module) in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        channels = pruner.get_out_channels(module) if pruner is not None else None
+        if not channels or channels <= 1:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        except (IndexError, KeyError, ValueError) as error:
+            warnings.warn(f"channel pruning leaves {names.get(module, type(module).__name__)!r} unpruned: "
+                          f"Torch-Pruning cannot map its channels through the graph ({type(error).__name__}: "
+                          f"{error}); typical cause: a layer it cannot trace into (e.g. a recurrent layer) consumes "
+                          "them. Add it to ignored_layers to silence this.", stacklevel=3)
+            continue
+        prunable = True
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                visited.add(id(dep.target.module))
+                if any(dep.target.module is m for m in ignored):
+                    prunable = False
+        if prunable:
+            yield group
+
+
 def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module] = ()) -> Iterator[PrunableGroup]:
     """Every group whose root is a conv/linear layer and that changes no ignored layer's output channels."""
     ignored_list = list(ignored)
     names = graph._module2name
     custom = tuple(t for t, s in registered_layers().items() if s.pruner is not None)
-    for group in graph.get_all_groups(ignored_layers=ignored_list, root_module_types=root_module_types()):
+    heads = _head_counts(graph)
+    for group in _root_groups(graph, ignored_list):
         if any(isinstance(dep.target.module, custom) and int(getattr(dep.target.module, "groups", 1)) > 1
                for dep, _ in group):
             continue  # grouped custom layers: no depthwise coupling in Torch-Pruning for them
@@ -138,7 +203,7 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module] = ()
         members = [names[dep.target.module] for dep, _ in group
                    if isinstance(dep.target.module, nn.Module) and graph.is_out_channel_pruning_fn(dep.handler)
                    and dep.target.module in names]
-        ch_groups = _channel_groups(graph, group)
+        ch_groups = _channel_groups(graph, group, heads)
         if channels % ch_groups:
             continue
         yield PrunableGroup(root=names[root], channels=int(channels), channel_groups=ch_groups,

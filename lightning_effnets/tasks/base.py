@@ -156,6 +156,17 @@ class EffnetsTaskMixin:
                 last = module
         return [last] if last is not None else []
 
+    # ----------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild a structure recorded in the checkpoint's state dict (channel pruning writes its record into
+        the state-dict metadata) before the weights are copied, so plain ``Task.load_from_checkpoint(path)`` and
+        ``Trainer.test(ckpt_path=...)`` work on structurally changed checkpoints. Overrides must call super()."""
+        state = checkpoint.get("state_dict")
+        if getattr(state, "_metadata", None):
+            from lightning_effnets.pruning.record import restore_structure
+
+            restore_structure(self, state)  # type: ignore[arg-type]
+
     # ----------------------------------------------------------------- image logging
     def log_images(self, key: str, images: list[Any], captions: list[str] | None = None) -> bool:
         """Log images to every logger that supports it (W&B); returns whether any did.

@@ -473,6 +473,7 @@ class ReferringExpressionGrounder(EffnetsTaskMixin, pl.LightningModule):
             checkpoint["referring_vocabulary"] = self.vocabulary.words
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # rebuilds a recorded (e.g. pruned) structure
         if "referring_vocabulary" in checkpoint:
             self.vocabulary = Vocabulary(checkpoint["referring_vocabulary"])
 
