@@ -97,6 +97,30 @@ def test_addersr_shortcut_and_power_activation() -> None:
         torch.testing.assert_close(model[1](x), expected)
 
 
+def test_norm_puts_batch_norm_inside_the_shortcut() -> None:
+    """``norm=True``: ``P(x + BN(adder(x)))`` -- the BN brings the large negative distances back to unit scale."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BN follows every adder layer now: no normalisation warning
+        report = to_adder(model, norm=True, self_shortcut=True, power_activation=True)
+    assert report.converted == ["1"]
+    shortcut, act = model[1][0], model[1][1]
+    adder, bn = shortcut.body[0], shortcut.body[1]
+    assert isinstance(adder, Adder2d) and isinstance(bn, nn.BatchNorm2d) and bn.num_features == 8
+    x = torch.randn(4, 8, 5, 5)
+    with torch.no_grad():
+        a = adder(x)
+        assert a.max() < -5  # raw adder outputs: large negative distances
+        normed = (a - a.mean((0, 2, 3), keepdim=True)) / torch.sqrt(a.var((0, 2, 3), unbiased=False, keepdim=True)
+                                                                    + bn.eps).view(1, -1, 1, 1)
+        y = x + normed
+        torch.testing.assert_close(model[1](x), torch.sign(y) * y.abs() ** act.alpha, rtol=1e-4, atol=1e-4)
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1))
+    restore_adder(fresh, {"converted": report.converted,
+                          "options": {"norm": True, "self_shortcut": True, "power_activation": True}})
+    fresh.load_state_dict(model.state_dict())  # strict: the BN is rebuilt too
+
+
 def test_restore_rebuilds_the_same_structure() -> None:
     model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
     report = to_adder(model, exclude="layer4.*", self_shortcut=True)

@@ -51,7 +51,7 @@ class AdderConversion(pl.Callback):
     """Convert the task's network to an AdderNet in ``setup`` (see :func:`~lightning_effnets.convert.to_adder`).
 
     Args: those of :func:`~lightning_effnets.convert.to_adder` (``skip_first``, ``skip_last``, ``include``,
-    ``exclude``, ``self_shortcut``, ``power_activation``, ``copy_weights``, ``unfreeze_bn``); ``unfreeze_bn``
+    ``exclude``, ``self_shortcut``, ``power_activation``, ``norm``, ``copy_weights``, ``unfreeze_bn``); ``unfreeze_bn``
     defaults to True here: adder detectors must keep adapting BN statistics.
 
     Logs ``effnets/adder/converted_layers`` and ``effnets/adder/adder_weight_fraction`` (share of the
@@ -59,13 +59,15 @@ class AdderConversion(pl.Callback):
     """
 
     def __init__(self, skip_first: bool = True, skip_last: bool = True, include: Any = None, exclude: Any = None,
-                 self_shortcut: bool = False, power_activation: bool = False, copy_weights: bool = False,
-                 unfreeze_bn: bool = True) -> None:
+                 self_shortcut: bool = False, power_activation: bool = False, norm: bool = False,
+                 copy_weights: bool = False, unfreeze_bn: bool = True) -> None:
         self.skip_first, self.skip_last = skip_first, skip_last
         self.include, self.exclude = include, exclude
         self.copy_weights = copy_weights
         self.options: dict[str, Any] = dict(self_shortcut=self_shortcut, power_activation=power_activation,
                                             unfreeze_bn=unfreeze_bn)
+        if norm:  # recorded only when set, so checkpoints saved before the option existed still match
+            self.options["norm"] = True
         #: What the conversion did: ``{"converted": [...], "kept": {...}, "options": {...}}``.
         self.record: dict[str, Any] | None = None
 
@@ -155,9 +157,8 @@ class AdderConversion(pl.Callback):
 
 
 def _is_converted(model: nn.Module, record: dict[str, Any]) -> bool:
-    adders = {name for name, _ in adder_layers(model)}
-    return any(n in adders or f"{n}.body" in adders or f"{n}.0" in adders or f"{n}.0.body" in adders
-               for n in record["converted"])
+    adders = [name for name, _ in adder_layers(model)]  # the layer itself, or inside its wrappers
+    return any(a == n or a.startswith(n + ".") for n in record["converted"] for a in adders)
 
 
 class AdaptiveAdderLR(pl.Callback):
