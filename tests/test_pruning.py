@@ -6,6 +6,7 @@ import copy
 import io
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -433,3 +434,66 @@ def test_camera_batchnorm_is_pruned_per_camera():
     columns = (bn.running_mean[0]).long().tolist()  # row 0 holds the original channel indices
     torch.testing.assert_close(bn.running_mean, torch.arange(36.0).view(6, 6)[:, columns])
     assert model.eval()(torch.randn(2, 3, 8, 8)).shape == (2, 2)
+
+
+# ------------------------------------------------------------------------------------ FilterSketch
+def _fd_bound_holds(a: np.ndarray, b: np.ndarray, rows: int) -> None:
+    error = a.T @ a - b.T @ b
+    scale = np.linalg.norm(a) ** 2
+    assert np.linalg.eigvalsh(error).min() >= -1e-9 * scale  # A^T A - B^T B is positive semi-definite
+    assert np.linalg.norm(error, 2) <= scale / (rows + 1) + 1e-9 * scale  # Ghashami et al. 2016
+
+
+def _shrunk_svd(a: np.ndarray, rows: int) -> np.ndarray:
+    """Reference for one shrink step: sqrt(s_i^2 - s_rows^2) v_i for the top ``rows`` singular directions."""
+    _, s, vt = np.linalg.svd(a, full_matrices=False)
+    return np.sqrt(np.clip(s[:rows] ** 2 - s[rows] ** 2, 0, None))[:, None] * vt[:rows]
+
+
+def test_frequent_directions_guarantees_and_single_shrink_reference():
+    from lightning_effnets.pruning import frequent_directions
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 12)) * np.linspace(3, 0.1, 12)  # a decaying spectrum, many shrinks
+    b = frequent_directions(torch.from_numpy(a), 5).numpy()
+    assert b.shape == (5, 12)
+    _fd_bound_holds(a, b, 5)
+    low_rank = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 12))  # rank 3 <= 5 rows: exact
+    exact = frequent_directions(torch.from_numpy(low_rank), 5).numpy()
+    np.testing.assert_allclose(exact.T @ exact, low_rank.T @ low_rank, atol=1e-8)
+    small = rng.standard_normal((8, 9))  # fewer than 2 * rows rows: one shrink of the whole matrix
+    ours = frequent_directions(torch.from_numpy(small), 5).numpy()
+    ref = _shrunk_svd(small, 5)
+    np.testing.assert_allclose(ours.T @ ours, ref.T @ ref, atol=1e-10)  # sign-free comparison
+
+
+def test_filter_sketch_rewrites_surviving_filters():
+    torch.manual_seed(0)
+    model = _chain(widths=(1, 8, 8), classes=3)
+    w0, w3 = model[0].weight.detach().double().clone(), model[3].weight.detach().double().clone()
+    gamma = model[1].weight.detach().clone()
+    kept0 = sorted(torch.argsort(w0.flatten(1).norm(dim=1), descending=True)[:4].tolist())  # by filter L2 norm
+    model, _ = prune(model, torch.zeros(1, 1, 6, 6), "filter_sketch", ratio=0.5)
+    assert model[0].out_channels == 4 and model[3].in_channels == 4 and model[3].out_channels == 4
+    torch.testing.assert_close(model[1].weight.detach(), gamma[kept0])  # BN entries follow the ranking
+    b0 = model[0].weight.detach().double().flatten(1).numpy()
+    ref0 = _shrunk_svd(w0.flatten(1).numpy(), 4)  # 8 filters -> 4: one shrink of the whole filter matrix
+    np.testing.assert_allclose(b0.T @ b0, ref0.T @ ref0, atol=1e-5)
+    # the second conv is sketched over the input channels that survived the same step
+    a3 = w3[:, kept0].flatten(1).numpy()
+    b3 = model[3].weight.detach().double().flatten(1).numpy()
+    ref3 = _shrunk_svd(a3, 4)
+    np.testing.assert_allclose(b3.T @ b3, ref3.T @ ref3, atol=1e-5)
+    _fd_bound_holds(a3, b3, 4)
+    assert model(torch.randn(2, 1, 6, 6)).shape == (2, 3)
+
+
+def test_filter_sketch_inside_fit_keeps_optimizer_consistent():
+    pl.seed_everything(0)
+    task = TinyTask(optimizer="sgd")
+    pruning = ChannelPruning(criterion="filter_sketch", ratio=0.5, start_epoch=1, latency_repeats=0,
+                             print_table=False)
+    _trainer(max_epochs=2, callbacks=[pruning]).fit(task, _loader())
+    optimizer = task.trainer.optimizers[0]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in task.parameters()}
+    assert task.model[0].out_channels == 8 and task.model[3].out_channels == 16

@@ -49,7 +49,8 @@ class ChannelPruning(pl.Callback):
     """Remove channels of ``pl_module.model`` on a schedule and keep training correct (see module docstring).
 
     Args:
-        criterion: ``"magnitude"`` (L1, also ``"l1"``/``"l2"``), ``"bn_scale"``/``"slimming"``, ``"taylor"``, or a
+        criterion: ``"magnitude"`` (L1, also ``"l1"``/``"l2"``), ``"bn_scale"``/``"slimming"``, ``"taylor"``,
+            ``"filter_sketch"`` (FilterSketch, arXiv:2001.08514), or a
             :class:`~lightning_effnets.pruning.Criterion` instance.
         ratio: fraction of channels removed from every prunable group by the end of the schedule, in [0, 1)
             (of all prunable channels with ``global_pruning``).

@@ -13,15 +13,19 @@ identical on every rank). That is enough for the seeds' criteria:
 * ``"taylor"``: first-order Taylor estimate of the loss change ``|sum_channel w * dL/dw|`` with the gradient
   averaged over the optimizer steps since the last pruning step (Molchanov et al., arXiv:1906.10771).
 
-Extending: FilterSketch (arXiv:2001.08514) and SCOP knockoffs (arXiv:2010.10732) fit the same interface:
-knockoff scores are learned during training (``setup`` adds the knockoff branches, ``on_before_optimizer_step``
-trains them, ``score`` reads the learned factors); FilterSketch scores nothing but rewrites the kept filters
-(``on_pruned`` receives the pruned model). Register a new criterion with :func:`register_criterion`.
+* ``"filter_sketch"``: FilterSketch (arXiv:2001.08514), in :mod:`lightning_effnets.pruning.sketch`: ranks by
+  filter norm, then ``on_pruned`` (with the surgery's index maps) rewrites the surviving filters with a Frequent
+  Directions sketch of the original ones.
+
+Extending: a criterion that learns its scores during training, such as SCOP's knockoff factors
+(arXiv:2010.10732), uses the same hooks (``setup`` to add what it trains, ``on_before_optimizer_step`` to observe
+every step, ``score`` to read the learned factors, ``state_dict`` to resume). Register a new criterion with
+:func:`register_criterion`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 
 from lightning_effnets.pruning.graph import ChannelItem, PrunableGroup
 from lightning_effnets.pruning.layers import channel_rows, layer_kind
+from lightning_effnets.pruning.surgery import ParamChange
 
 __all__ = ["Criterion", "MagnitudeCriterion", "BNScaleCriterion", "TaylorCriterion", "register_criterion",
            "build_criterion", "available_criteria"]
@@ -49,8 +54,13 @@ class Criterion:
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         """Called once per optimizer step with final gradients (after accumulation and all-reduce)."""
 
-    def on_pruned(self, model: nn.Module) -> None:
-        """Called after channels were removed: drop statistics tied to the old parameters."""
+    #: whether :meth:`on_pruned` needs the old -> new parameter index maps of the surgery (costs one extra pass)
+    needs_changes: ClassVar[bool] = False
+
+    def on_pruned(self, model: nn.Module, changes: Mapping[nn.Parameter, ParamChange] | None = None) -> None:
+        """Called after channels were removed: drop statistics tied to the old parameters. ``changes`` (old
+        parameter -> :class:`~lightning_effnets.pruning.surgery.ParamChange`) is given when the surgery tracked
+        index maps (always when :attr:`needs_changes`)."""
 
     def can_score(self, group: PrunableGroup) -> bool:
         """Whether this criterion can score ``group`` at all (e.g. slimming needs a normalisation layer)."""
@@ -186,7 +196,7 @@ class TaylorCriterion(Criterion):
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         self.accumulate(model)
 
-    def on_pruned(self, model: nn.Module) -> None:
+    def on_pruned(self, model: nn.Module, changes: Mapping[nn.Parameter, ParamChange] | None = None) -> None:
         self._sums.clear()
         self._pending = {}
         self._steps = 0

@@ -157,11 +157,12 @@ class StructuredPruner:
         that optimizer state needs."""
         cached, self._graph = self._graph, None
         graph = cached[1] if cached is not None and cached[0] is model else build_graph(model, example_input)
-        surgery = apply_decisions(model, graph, decisions, skip_invalid=True, track=track)
+        surgery = apply_decisions(model, graph, decisions, skip_invalid=True,
+                                  track=track or self.criterion.needs_changes)
         record = get_record(model) or PruningRecord(input=input_spec(example_input))
         record.steps.append(surgery.applied)
         attach_record(model, record)
-        self.criterion.on_pruned(model)
+        self.criterion.on_pruned(model, surgery.changes)
         check_forward(model, example_input)
         return surgery
 
@@ -210,7 +211,8 @@ def prune(
     Args:
         model: any traceable network (its output layers' output channels are kept).
         example_input: a tensor, tuple or dict that ``model`` accepts (shape matters, values do not).
-        criterion: ``"magnitude"``/``"l1"``/``"l2"``, ``"bn_scale"``/``"slimming"``, ``"taylor"`` or a
+        criterion: ``"magnitude"``/``"l1"``/``"l2"``, ``"bn_scale"``/``"slimming"``, ``"taylor"``,
+            ``"filter_sketch"`` or a
             :class:`~lightning_effnets.pruning.importance.Criterion`.
         ratio: fraction of channels removed from every prunable group (of all prunable channels with
             ``global_pruning``), in [0, 1).
