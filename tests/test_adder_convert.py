@@ -99,11 +99,16 @@ def test_addersr_shortcut_and_power_activation() -> None:
 
 def test_norm_puts_batch_norm_inside_the_shortcut() -> None:
     """``norm=True``: ``P(x + BN(adder(x)))`` -- the BN brings the large negative distances back to unit scale."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1))
+    def build() -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 3, 3, padding=1))
+
+    model = build()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # BN follows every adder layer now: no normalisation warning
         report = to_adder(model, norm=True, self_shortcut=True, power_activation=True)
-    assert report.converted == ["1"]
+    assert report.converted == ["1", "2"]
+    assert isinstance(model[2][0].body, Adder2d)  # already followed by a BN: none added
     shortcut, act = model[1][0], model[1][1]
     adder, bn = shortcut.body[0], shortcut.body[1]
     assert isinstance(adder, Adder2d) and isinstance(bn, nn.BatchNorm2d) and bn.num_features == 8
@@ -115,7 +120,7 @@ def test_norm_puts_batch_norm_inside_the_shortcut() -> None:
                                                                     + bn.eps).view(1, -1, 1, 1)
         y = x + normed
         torch.testing.assert_close(model[1](x), torch.sign(y) * y.abs() ** act.alpha, rtol=1e-4, atol=1e-4)
-    fresh = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1))
+    fresh = build()
     restore_adder(fresh, {"converted": report.converted,
                           "options": {"norm": True, "self_shortcut": True, "power_activation": True}})
     fresh.load_state_dict(model.state_dict())  # strict: the BN is rebuilt too

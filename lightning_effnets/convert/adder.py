@@ -8,7 +8,7 @@ conversion warns about converted layers that are not.
 For super-resolution (AdderSR, arXiv:2009.08891) two optional pieces restore what an adder layer lacks:
 ``self_shortcut=True`` wraps shape-preserving layers as ``x + adder(x)`` (an adder layer cannot learn the identity
 mapping), and ``power_activation=True`` appends a learnable ``sign(y)|y|^alpha`` after each converted layer.
-Networks without normalisation layers (EDSR) also need ``norm=True``: a BatchNorm after each adder layer maps
+Layers without a normalisation layer after them (EDSR bodies, FPN necks) also need ``norm=True``: a BatchNorm maps
 its large negative distances (``-sum|x - w|``, hundreds for a 32-channel 3x3 layer) back to unit scale; without
 it every output is far below zero, the following ReLU passes nothing and the body never trains (measured on the
 SR recipe: PSNR 23 dB *below* bicubic). Order with everything set: ``P(x + BN(adder(x)))`` (our choice; the
@@ -53,6 +53,11 @@ def _shape_preserving(conv: nn.Conv2d) -> bool:
                for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size))
 
 
+def _is_norm(module: nn.Module) -> bool:
+    # frozen batch norms (torchvision, timm) are not _NormBase subclasses but normalise all the same
+    return isinstance(module, _NORM_TYPES) or "FrozenBatchNorm" in type(module).__name__
+
+
 def _followed_by_norm(model: nn.Module, names: list[str]) -> list[str]:
     """Converted layers whose next module in registration order (outside the layer itself) is not a norm layer.
 
@@ -66,7 +71,7 @@ def _followed_by_norm(model: nn.Module, names: list[str]) -> list[str]:
         i = position[name] + 1
         while i < len(modules) and modules[i][0].startswith(name + "."):
             i += 1  # skip the converted layer's own children (shortcut / power activation wrappers)
-        if i >= len(modules) or not isinstance(modules[i][1], _NORM_TYPES):
+        if i >= len(modules) or not _is_norm(modules[i][1]):
             missing.append(name)
     return missing
 
@@ -121,8 +126,9 @@ def to_adder(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
         self_shortcut: wrap shape-preserving layers (stride 1, same padding, in == out channels) as
             ``x + adder(x)`` (AdderSR).
         power_activation: follow each converted layer by a learnable :class:`PowerActivation` (AdderSR).
-        norm: put a ``BatchNorm2d`` right after each adder layer (inside the self-shortcut), for networks that
-            have no normalisation after their convolutions (EDSR-style SR bodies).
+        norm: put a ``BatchNorm2d`` right after each converted layer that is not already followed by a
+            normalisation layer (inside the self-shortcut): EDSR-style SR bodies, FPN necks. Layers that have a
+            norm after them (the usual conv-BN stacks) are left as they are.
         copy_weights: initialise adder weights from the conv weights instead of the authors' N(0, 1) (the two
             measure different things, so copying is mainly useful for experiments).
         unfreeze_bn: also replace frozen batch norms (torchvision/timm ``FrozenBatchNorm2d``) by trainable
@@ -133,6 +139,8 @@ def to_adder(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
     """
     dynamic: list[str] = []
     output_layer = _last_layer(model) if skip_last else None
+    convs = [name for name, module in model.named_modules() if is_adder_candidate(name, module)]
+    needs_norm = set(_followed_by_norm(model, convs)) if norm else set()
 
     def is_excluded(name: str, module: nn.Module) -> bool:
         if _dynamic_padding(module):
@@ -143,7 +151,7 @@ def to_adder(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
     def build(name: str, conv: nn.Module) -> nn.Module:
         assert isinstance(conv, nn.Conv2d)
         layer: nn.Module = Adder2d.from_conv(conv, copy_weights=copy_weights)
-        if norm:
+        if name in needs_norm:
             layer = nn.Sequential(layer, nn.BatchNorm2d(conv.out_channels, device=conv.weight.device,
                                                         dtype=conv.weight.dtype))
         if self_shortcut and _shape_preserving(conv):
