@@ -1,6 +1,8 @@
-"""ChannelPruning under 2-process CPU DDP (ddp_spawn, gloo): identical structure and weights on both ranks after
+"""ChannelPruning under 2-process CPU DDP (ddp_fork, gloo): identical structure and weights on both ranks after
 pruning *and* further training steps (the ranks see different data, so weights only stay equal if the pruned
-model was re-wrapped and its gradients are synchronised)."""
+model was re-wrapped and its gradients are synchronised). ``ddp_fork`` rather than ``ddp_spawn``: the workers
+inherit the imported modules instead of importing torch and Lightning again (about 1.5 s instead of 45 s on two
+cores); an assertion failing inside a worker fails the test either way."""
 
 from __future__ import annotations
 
@@ -57,11 +59,11 @@ def test_ddp_ranks_prune_identically_and_stay_in_sync():
     pl.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[ChannelPruning(criterion="l1", ratio=0.5, start_epoch=1, latency_repeats=0,
                                                    print_table=False), CheckRanksAgree()])
     task = DDPTask()
-    restore_on_load(task.model)  # ddp_spawn copies the workers' final (pruned) weights back into this module
+    restore_on_load(task.model)  # ddp_fork/ddp_spawn copy the workers' final (pruned) weights back into this module
     trainer.fit(task, DataLoader(data, batch_size=8, shuffle=True))
     assert task.model[0].out_channels == 8 and get_record(task.model).steps
