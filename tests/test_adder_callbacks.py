@@ -154,6 +154,10 @@ def test_conversion_checkpoint_round_trip(tmp_path) -> None:
     loaded.eval(), first.eval()
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(loaded.model(x), first.model(x))
+    # ... and so does plain Lightning loading, from the checkpoint alone (EffnetsTaskMixin.on_load_checkpoint)
+    plain = ImageClassifier.load_from_checkpoint(tmp_path / "last.ckpt").eval()
+    assert [n for n, m in plain.model.named_modules() if isinstance(m, Adder2d)] == adders
+    torch.testing.assert_close(plain.model(x), first.model(x))
 
     # Resuming with a different conversion is refused with the reason.
     with pytest.raises(ValueError, match="converted differently"):

@@ -132,6 +132,9 @@ def test_resume_from_checkpoint_continues_bit_identically(tmp_path):
     fresh.load_state_dict(checkpoint["state_dict"])
     x = next(iter(_loader()))[0]
     assert torch.equal(fresh.eval()(x), first.eval()(x))
+    # plain Lightning loading does the same from the checkpoint alone (EffnetsTaskMixin.on_load_checkpoint)
+    plain = ImageClassifier.load_from_checkpoint(tmp_path / "half.ckpt")
+    assert torch.equal(plain.eval()(x), first.eval()(x))
 
 
 class _PartialOptimizer(ImageClassifier):

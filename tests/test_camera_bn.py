@@ -352,6 +352,11 @@ def test_checkpoint_round_trip_keeps_every_camera_statistic(tmp_path):
         torch.testing.assert_close(b.running_mean, a.running_mean)
         torch.testing.assert_close(b.running_var, a.running_var)
         assert torch.equal(b.num_batches_tracked, a.num_batches_tracked)
+    # without the callback: the task rebuilds its camera BN layers from the checkpoint (on_load_checkpoint)
+    task3 = _CameraTask.load_from_checkpoint(path)  # strict loading
+    for (name, a), (_, b) in zip(camera_bn_layers(task.model), camera_bn_layers(task3.model)):
+        assert b.num_cameras == 3, name
+        torch.testing.assert_close(b.running_mean, a.running_mean)
 
 
 def test_callback_errors_name_the_fix():

@@ -431,6 +431,18 @@ class CameraBN(pl.Callback):
                 "images": {c: int(counts[c]) for c in cameras}}
 
     # ------------------------------------------------------------------ state
+    @staticmethod
+    def restore_structure(model: nn.Module, state: dict[str, Any]) -> bool:
+        """Give ``model`` the camera BN layers this callback's saved ``state`` records, unless it has them; returns
+        whether it converted (used by ``EffnetsTaskMixin.on_load_checkpoint``). Slot counts follow the camera map;
+        the layers' own ``load_state_dict`` resizes them to the checkpoint's statistics."""
+        names = set(state.get("converted", []) if state else [])
+        if not names or camera_bn_layers(model):
+            return False
+        slots = max((int(v) for v in state.get("camera_map", {}).values()), default=0) + 1
+        to_camera_bn(model, slots, include=lambda name, module: name in names)
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         return {"camera_map": dict(self.camera_map), "converted": list(self.converted),
                 "trained_cameras": sorted(self.trained_cameras)}

@@ -158,9 +158,15 @@ class EffnetsTaskMixin:
 
     # ----------------------------------------------------------------- checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild a structure recorded in the checkpoint's state dict (channel pruning writes its record into
-        the state-dict metadata) before the weights are copied, so plain ``Task.load_from_checkpoint(path)`` and
+        """Rebuild a structure recorded in the checkpoint (the conversions of AdderConversion / Binarization /
+        CameraBN from their callback state, then channel pruning from its record in the state-dict metadata)
+        before the weights are copied, so plain ``Task.load_from_checkpoint(path)`` and
         ``Trainer.test(ckpt_path=...)`` work on structurally changed checkpoints. Overrides must call super()."""
+        from lightning_effnets.callbacks.structure import restore_converted_structure
+
+        model = getattr(self, "model", None)
+        if isinstance(model, nn.Module):  # conversions happened in setup, before any pruning: replay them first
+            restore_converted_structure(model, checkpoint)
         state = checkpoint.get("state_dict")
         if getattr(state, "_metadata", None):
             from lightning_effnets.pruning.record import restore_structure
