@@ -182,6 +182,9 @@ class AdaptiveAdderLR(pl.Callback):
         eta: the paper's hyper-parameter; the scaled gradient has RMS ``eta`` per element.
         log_norms: log ``effnets/adder/grad_norm/<layer>`` (the norm *before* scaling) every step.
 
+    Pair it with SGD, as the paper does: Adam-type optimizers divide each element's step by its own gradient
+    scale, which absorbs most of a per-layer rescaling (what remains is the per-step normalisation).
+
     State: ``eta`` is saved for the record; the constructor's value is the one used after resuming.
     """
 
