@@ -42,13 +42,16 @@ class DigitsDataModule(pl.LightningDataModule):
         val_fraction / test_fraction: fractions of the 1,797 images held out.
         seed: seed of the split (the split is identical on every rank and every run).
         augment: enable training augmentation.
+        train_fraction: keep only this fraction of the training split (stratified, seeded by ``seed``);
+            a low-data setting where harder-to-train networks (e.g. AdderNets) trail their CNN twins.
         num_workers: DataLoader workers (the data lives in memory; 0 is usually fastest).
     """
 
     num_classes = 10
 
     def __init__(self, batch_size: int = 64, image_size: int = 32, in_chans: int = 3, val_fraction: float = 0.1,
-                 test_fraction: float = 0.2, seed: int = 0, augment: bool = True, num_workers: int = 0) -> None:
+                 test_fraction: float = 0.2, seed: int = 0, augment: bool = True, num_workers: int = 0,
+                 train_fraction: float = 1.0) -> None:
         super().__init__()
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
@@ -57,6 +60,8 @@ class DigitsDataModule(pl.LightningDataModule):
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) "
                              "and sum to less than 1")
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
         self.save_hyperparameters()
         self.batch_size, self.image_size, self.in_chans = batch_size, image_size, in_chans
         self.splits: dict[str, TensorDataset] = {}
@@ -79,6 +84,9 @@ class DigitsDataModule(pl.LightningDataModule):
                                       random_state=hp.seed)
         train, val = train_test_split(rest, test_size=hp.val_fraction / (1 - hp.test_fraction),
                                       stratify=targets.numpy()[rest], random_state=hp.seed)
+        if hp.train_fraction < 1.0:
+            train, _ = train_test_split(train, train_size=hp.train_fraction, stratify=targets.numpy()[train],
+                                        random_state=hp.seed)
         for name, idx in (("train", train), ("val", val), ("test", test)):
             idx_t = torch.from_numpy(np.sort(idx))
             self.splits[name] = TensorDataset(images[idx_t], targets[idx_t])
