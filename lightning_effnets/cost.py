@@ -3,7 +3,8 @@
 Standard layers are counted by PyTorch's own :class:`torch.utils.flop_counter.FlopCounterMode`
 (convolutions, matmuls, attention); a multiply-accumulate is one multiplication plus one addition.
 Layers that do not multiply (adder layers, binary layers) register their own counter with
-:func:`register_cost`; whatever FlopCounterMode attributed to such a layer is replaced by that count.
+:func:`register_cost`; whatever FlopCounterMode attributed to such a layer is replaced by that count. Recurrent
+layers (GRU, LSTM, RNN) are counted here too: their fused CPU op is invisible to FlopCounterMode.
 
 Energy follows the AdderNet papers' 45 nm convention (Horowitz, ISSCC 2014): a 32-bit float
 multiplication costs 3.7 pJ, an addition 0.9 pJ. Element-wise ops, normalisation and activations are
@@ -62,6 +63,30 @@ def register_cost(module_type: type[nn.Module]) -> Callable[[CostFn], CostFn]:
         return fn
 
     return decorator
+
+
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+@register_cost(nn.RNNBase)
+def _recurrent_cost(module: nn.RNNBase, inputs: tuple[Any, ...], output: Any) -> OpCount:
+    """GRU / LSTM / RNN multiply-accumulates, which FlopCounterMode does not see inside the fused RNN op: per
+    token, layer and direction, each gate costs ``in x hidden + hidden_state x hidden`` MACs (plus an LSTM's
+    ``hidden x proj`` projection)."""
+    x = inputs[0]
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        tokens = x.data.shape[0]
+    else:
+        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    directions = 2 if module.bidirectional else 1
+    hidden, proj = module.hidden_size, getattr(module, "proj_size", 0)
+    state = proj or hidden
+    macs = 0
+    for layer in range(module.num_layers):
+        in_size = module.input_size if layer == 0 else state * directions
+        macs += directions * (_RNN_GATES[module.mode] * (in_size * hidden + state * hidden) + hidden * proj)
+    macs *= tokens
+    return OpCount(macs=macs, mults=macs, adds=macs)
 
 
 def _counter_for(module: nn.Module) -> CostFn | None:

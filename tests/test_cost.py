@@ -83,3 +83,24 @@ def test_profile_accepts_tuple_and_dict_inputs_and_rejects_non_modules():
     assert profile(net, {"x": torch.randn(1, 3), "y": torch.randn(1, 2)}, measure_latency=False).macs == 6
     with pytest.raises(TypeError, match="nn.Module"):
         profile(lambda x: x, torch.zeros(1))
+
+
+@pytest.mark.parametrize("layer, gates", [
+    (nn.GRU(4, 3, batch_first=True, bidirectional=True), 3),
+    (nn.LSTM(4, 3, batch_first=True, bidirectional=True), 4),
+    (nn.RNN(4, 3, batch_first=True, bidirectional=True), 1),
+])
+def test_recurrent_layers_are_counted(layer, gates):
+    """FlopCounterMode does not see inside the fused RNN op; the built-in counter does."""
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = layer
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    report = profile(Wrapped(), torch.zeros(1, 5, 4), measure_latency=False)
+    # 5 tokens x 2 directions x gates x (4 inputs x 3 + 3 x 3 hidden) MACs
+    assert report.macs == 5 * 2 * gates * (4 * 3 + 3 * 3)

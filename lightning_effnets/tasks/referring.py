@@ -39,12 +39,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
 from torchmetrics import Metric
 from torchvision.ops import box_iou, clip_boxes_to_image, generalized_box_iou_loss
 from torchvision.utils import draw_bounding_boxes
 
-from lightning_effnets.cost import OpCount, register_cost
 from lightning_effnets.data.referring import Vocabulary
 from lightning_effnets.tasks.base import EffnetsTaskMixin, OptimizerFactory, SchedulerFactory
 from lightning_effnets.tasks.classification import create_backbone
@@ -249,25 +247,6 @@ class GroundingNet(nn.Module):
         for unit in self.reasoning:
             x = unit(x, sentence)
         return self.head(x)
-
-
-@register_cost(nn.GRU)
-def _gru_cost(module: nn.GRU, inputs: tuple[Any, ...], output: Any) -> OpCount:
-    """GRU multiply-accumulates (FlopCounterMode does not see inside the fused RNN op): per token, layer
-    and direction, three gates of ``in x hidden + hidden x hidden`` MACs."""
-    x = inputs[0]
-    if isinstance(x, PackedSequence):
-        tokens = x.data.shape[0]
-    else:
-        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
-    directions = 2 if module.bidirectional else 1
-    h = module.hidden_size
-    macs = 0
-    for layer in range(module.num_layers):
-        in_size = module.input_size if layer == 0 else h * directions
-        macs += directions * 3 * (in_size * h + h * h)
-    macs *= tokens
-    return OpCount(macs=macs, mults=macs, adds=macs)
 
 
 # ============================================================================ boxes
