@@ -9,7 +9,8 @@ training correct afterwards:
 * under DDP every rank applies rank 0's decisions, and the model is re-wrapped (DDP only synchronises the
   parameters that existed when it was wrapped);
 * the pruned structure is recorded: ``Trainer.fit(ckpt_path=...)`` resumes mid-schedule, and
-  ``lightning_effnets.pruning.load_pruned(TaskClass, path)`` loads a pruned checkpoint into a fresh module;
+  ``TaskClass.load_from_checkpoint(path)`` / ``Trainer.test(ckpt_path=...)`` rebuild it in a fresh task module
+  (``lightning_effnets.pruning.load_pruned(ModuleClass, path)`` for LightningModules outside this project);
 * MACs, parameters and measured latency before/after each step go to the loggers and to a rich table.
 
 Under ``ddp_spawn``/``ddp_fork`` Lightning copies the final weights back into the main process's module, which

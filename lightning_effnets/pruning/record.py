@@ -8,9 +8,12 @@ The record travels *inside* the state dict: :func:`attach_record` registers a st
 model's state-dict metadata (where PyTorch keeps a module's ``version``; it survives ``torch.save``/``torch.load``
 with ``weights_only=True``), and a load pre-hook that replays missing steps before the weights are copied. So
 ``Trainer.fit(ckpt_path=...)`` with the :class:`~lightning_effnets.callbacks.ChannelPruning` callback restores the
-pruned model by itself, and a fresh LightningModule loads with one line::
+pruned model by itself. The project's tasks call :func:`restore_structure` in ``on_load_checkpoint``
+(:class:`~lightning_effnets.tasks.base.EffnetsTaskMixin`), so ``ImageClassifier.load_from_checkpoint(path)`` and
+``Trainer.test(model, ckpt_path=path)`` rebuild the pruned structure of a fresh module; any other LightningModule
+loads with one line::
 
-    model = load_pruned(ImageClassifier, "last.ckpt")  # instead of ImageClassifier.load_from_checkpoint(...)
+    model = load_pruned(MyModule, "last.ckpt")  # instead of MyModule.load_from_checkpoint(...)
 """
 
 from __future__ import annotations
