@@ -31,6 +31,8 @@ a ref is one sample.
 
 from __future__ import annotations
 
+import abc
+
 import json
 import re
 from collections import Counter
@@ -167,7 +169,7 @@ class _SampleList(Dataset):
         return sample
 
 
-class ReferringDataModuleBase(pl.LightningDataModule):
+class ReferringDataModuleBase(pl.LightningDataModule, abc.ABC):
     """What every referring datamodule shares: vocabulary from the training split, loaders, collation.
 
     Subclasses implement :meth:`_expressions` (the training expressions) and :meth:`_build_split`.
@@ -191,11 +193,13 @@ class ReferringDataModuleBase(pl.LightningDataModule):
         self._vocabulary: Vocabulary | None = None
 
     # ---------------------------------------------------------------- to implement
+    @abc.abstractmethod
     def _expressions(self) -> list[str]:
-        raise NotImplementedError
+        """Every training expression (the vocabulary is built from them)."""
 
+    @abc.abstractmethod
     def _build_split(self, name: str) -> Dataset:
-        raise NotImplementedError
+        """The dataset of split ``name`` (``train``, ``val`` or ``test``)."""
 
     # ---------------------------------------------------------------- shared
     @property

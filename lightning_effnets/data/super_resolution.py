@@ -22,6 +22,8 @@ LR without shrinking a 2K image for every sample.
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -205,7 +207,7 @@ class WholeImageDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------- datamodules
-class _SRDataModule(pl.LightningDataModule):
+class _SRDataModule(pl.LightningDataModule, abc.ABC):
     """Shared loaders and checks; subclasses provide the images of each split."""
 
     in_chans = 3
@@ -227,9 +229,9 @@ class _SRDataModule(pl.LightningDataModule):
         self.quantize, self.num_workers = quantize, num_workers
         self.splits: dict[str, Dataset] = {}
 
+    @abc.abstractmethod
     def _split_images(self) -> dict[str, list[HRImage]]:
         """The images of ``train``, ``val`` and ``test`` (implemented by each datamodule)."""
-        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
