@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import subprocess
+import sys
+import textwrap
 
 import lightning.pytorch as pl
 import numpy as np
@@ -304,6 +308,25 @@ def test_pruned_checkpoint_loads_tests_and_validates_in_a_fresh_module(tmp_path)
         stage = "test" if run == "test" else "val"
         assert result[f"{stage}/acc"] == pytest.approx(hits / 32)
         assert fresh.model.fc.in_features == task.model.fc.in_features
+    # the same in a fresh Python process (no state left by this one): plain Trainer.test(ckpt_path=...)
+    xs, ys = (torch.cat(t) for t in zip(*data))
+    torch.save({"x": xs, "y": ys}, tmp_path / "data.pt")
+    script = textwrap.dedent(f"""
+        import lightning.pytorch as pl, torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from lightning_effnets.tasks import ImageClassifier
+        data = torch.load({str(tmp_path / "data.pt")!r})
+        task = ImageClassifier(backbone="resnet10t", num_classes=4, in_chans=1, image_size=16, log_samples=0)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        result = trainer.test(task, DataLoader(TensorDataset(data["x"], data["y"]), batch_size=16),
+                              ckpt_path={str(path)!r}, verbose=False)[0]
+        print("ACC", result["test/acc"], task.model.fc.in_features)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    acc, width = out.stdout.split("ACC")[-1].split()
+    assert float(acc) == pytest.approx(hits / 32) and int(width) == task.model.fc.in_features
     again = io.BytesIO()  # a loaded model carries its record into its own state dict
     torch.save(fresh.state_dict(), again)
     again.seek(0)
