@@ -158,11 +158,11 @@ def _root_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterato
       pruner for the recurrent weights either), so leaving the root alone is the only correct choice.
     """
     names = graph._module2name
-    ignored = ignored + list(graph.IGNORED_LAYERS_IN_TRACING)
+    ignored_ids = {id(m) for m in ignored + list(graph.IGNORED_LAYERS_IN_TRACING)}
     root_types = root_module_types()
     visited: set[int] = set()
     for module in list(graph.module2node):
-        if not isinstance(module, root_types) or any(module is m for m in ignored) or id(module) in visited:
+        if not isinstance(module, root_types) or id(module) in ignored_ids or id(module) in visited:
             continue
         pruner = graph.get_pruner_of_module(module)
         channels = pruner.get_out_channels(module) if pruner is not None else None
@@ -180,7 +180,7 @@ def _root_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterato
         for dep, _ in group:
             if graph.is_out_channel_pruning_fn(dep.handler):
                 visited.add(id(dep.target.module))
-                if any(dep.target.module is m for m in ignored):
+                if id(dep.target.module) in ignored_ids:
                     prunable = False
         if prunable:
             yield group
