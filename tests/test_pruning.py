@@ -520,3 +520,8 @@ def test_filter_sketch_inside_fit_keeps_optimizer_consistent():
     optimizer = task.trainer.optimizers[0]
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in task.parameters()}
     assert task.model[0].out_channels == 8 and task.model[3].out_channels == 16
+
+
+def test_round_to_rounds_the_kept_width_up():
+    model, _ = prune(_chain(widths=(1, 24, 16)), torch.zeros(1, 1, 6, 6), "l1", ratio=0.5, round_to=8)
+    assert (model[0].out_channels, model[3].out_channels) == (16, 8)  # 12 kept -> 16, never more removed than asked

@@ -2,7 +2,7 @@
 
 Targets are always relative to the *original* width of each group, so iterative pruning (and a resumed run)
 reaches exactly the width a one-shot run would: after step ``k`` of ``n`` a group with ``C0`` original channels
-keeps ``floor(C0 * (1 - ratio * k/n))``, rounded down to a multiple of ``round_to``. Local pruning ranks channels
+keeps ``floor(C0 * (1 - ratio * k/n))``, rounded up to a multiple of ``round_to``. Local pruning ranks channels
 within each group; global pruning ranks all groups together (network slimming's single threshold). A MACs budget
 is met by bisection on the ratio, each trial pruning a copy of the model and counting its MACs.
 """
@@ -65,9 +65,11 @@ def score_groups(groups: Sequence[PrunableGroup], score: Callable[[PrunableGroup
 
 
 def _kept_slots(initial_slots: int, ratio: float, round_to: int | None) -> int:
+    """Width after removing ``ratio`` of ``initial_slots``; with ``round_to`` rounded *up* to a multiple of it
+    (never removing more than asked, as Torch-Pruning and the global path do), capped at the original width."""
     keep = math.floor(initial_slots * (1.0 - ratio) + 1e-6)
     if round_to and initial_slots >= round_to:
-        keep = max(round_to, keep - keep % round_to)
+        keep = min(initial_slots, math.ceil(keep / round_to) * round_to)
     return max(keep, 1)
 
 
