@@ -3,6 +3,7 @@
     python bench/pruning.py                      # speed table (resnet18, mobilenetv3_large_100, efficientnet_b0, ...)
     python bench/pruning.py --coverage           # prune + forward/backward on 20+ timm architectures
     python bench/pruning.py --models resnet18 --batch 8 --size 224 --repeats 10
+    python bench/pruning.py --models resnet18 --threads 1 --round-to 1 8 16 --breakdown   # latency investigation
 
 For each model, 50% of the channels of every prunable group are removed (L1 magnitude, output layer kept):
 
@@ -12,6 +13,11 @@ For each model, 50% of the channels of every prunable group are removed (L1 magn
 * time of the pruning step (fastest of 3, alternating): ``lightning_effnets.pruning.prune`` (graph + scoring + index-tracked surgery + record +
   a verification forward) vs calling Torch-Pruning directly (``MetaPruner(...).step()``);
 * Lightning's ``ModelPruning`` (``ln_structured`` masks, amount 0.5 on every conv/linear weight): latency ratio.
+
+With ``--round-to`` each model is pruned once per value (channel counts multiples of it: SIMD/oneDNN-friendly
+widths), and ``--breakdown`` splits dense and pruned forward time into convolutions (``aten::convolution`` and
+below) and everything else (batch norm, activations, pooling, additions, copies), measured with
+``torch.profiler``: convolution time falls with the MACs, the memory-bound rest only with the width.
 
 Targets (issue 5): latency ratio within 1.2x of the MACs ratio on ResNet-18; our pruning step no slower than
 Torch-Pruning directly.
@@ -85,32 +91,61 @@ def _masked(model: nn.Module) -> nn.Module:
     return model
 
 
-def speed(models: list[str], batch: int, size: int, repeats: int) -> None:
+def _breakdown(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(convolution, other) milliseconds per forward, from the profiler's per-op self times."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.inference_mode():
+        model(x)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                model(x)
+    conv = other = 0.0
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1e3 / repeats
+        if "conv" in event.key or "mkldnn" in event.key:
+            conv += ms
+        else:
+            other += ms
+    return conv, other
+
+
+def speed(models: list[str], batch: int, size: int, repeats: int, round_to: list[int], breakdown: bool) -> None:
     x = torch.randn(batch, 3, size, size)
-    header = (f"{'model':24s} {'MACs':>6s} {'params':>6s} {'latency':>8s} {'lat/MACs':>8s} {'masked':>7s} "
-              f"{'ours[s]':>8s} {'TP[s]':>7s} {'ours/TP':>7s}")
-    print(f"batch {batch}x3x{size}x{size}, {torch.get_num_threads()} threads, ratios pruned/dense, 50% channels")
+    header = (f"{'model':24s} {'round':>5s} {'MACs':>6s} {'params':>6s} {'latency':>8s} {'lat/MACs':>8s} "
+              f"{'masked':>7s} {'ours[s]':>8s} {'TP[s]':>7s} {'ours/TP':>7s}")
+    print(f"batch {batch}x3x{size}x{size}, {torch.get_num_threads()} threads, ratios pruned/dense, 50% channels, "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(header)
     print("-" * len(header))
     for name in models:
         dense = timm.create_model(name, pretrained=False, num_classes=1000).eval()
         masked = _masked(copy.deepcopy(dense)).eval()
         x_trace = x[:1]
-        ours_s = tp_s = float("inf")
-        for _ in range(3):  # alternate, fresh copies, fastest of 3 (the first call also warms up kernels)
-            ours = copy.deepcopy(dense)
-            start = time.perf_counter()
-            prune(ours, x_trace, "l1", ratio=0.5)
-            ours_s = min(ours_s, time.perf_counter() - start)
-            tp_s = min(tp_s, _torch_pruning_direct(copy.deepcopy(dense), x_trace))
-        ours.eval()
         before = profile(dense, x_trace, measure_latency=False)
-        after = profile(ours, x_trace, measure_latency=False)
-        dense_ms, ours_ms = _fastest_interleaved(dense, ours, x, repeats)
         dense_ms2, masked_ms = _fastest_interleaved(dense, masked, x, repeats)
-        macs_r, lat_r = after.macs / before.macs, ours_ms / dense_ms
-        print(f"{name:24s} {macs_r:6.3f} {after.params / before.params:6.3f} {lat_r:8.3f} {lat_r / macs_r:8.2f} "
-              f"{masked_ms / dense_ms2:7.3f} {ours_s:8.2f} {tp_s:7.2f} {ours_s / tp_s:7.2f}", flush=True)
+        for multiple in round_to:
+            ours_s = tp_s = float("inf")
+            for _ in range(3):  # alternate, fresh copies, fastest of 3 (the first call also warms up kernels)
+                ours = copy.deepcopy(dense)
+                start = time.perf_counter()
+                prune(ours, x_trace, "l1", ratio=0.5, round_to=multiple if multiple > 1 else None)
+                ours_s = min(ours_s, time.perf_counter() - start)
+                tp_s = min(tp_s, _torch_pruning_direct(copy.deepcopy(dense), x_trace))
+            ours.eval()
+            after = profile(ours, x_trace, measure_latency=False)
+            dense_ms, ours_ms = _fastest_interleaved(dense, ours, x, repeats)
+            macs_r, lat_r = after.macs / before.macs, ours_ms / dense_ms
+            print(f"{name:24s} {multiple:5d} {macs_r:6.3f} {after.params / before.params:6.3f} {lat_r:8.3f} "
+                  f"{lat_r / macs_r:8.2f} {masked_ms / dense_ms2:7.3f} {ours_s:8.2f} {tp_s:7.2f} "
+                  f"{ours_s / tp_s:7.2f}", flush=True)
+            if breakdown:
+                dense_conv, dense_other = _breakdown(dense, x, max(repeats // 2, 1))
+                ours_conv, ours_other = _breakdown(ours, x, max(repeats // 2, 1))
+                print(f"{'':24s}   dense {dense_conv:7.1f} ms conv + {dense_other:6.1f} ms other | pruned "
+                      f"{ours_conv:7.1f} ms conv ({ours_conv / dense_conv:.3f}x) + {ours_other:6.1f} ms other "
+                      f"({ours_other / dense_other:.3f}x)", flush=True)
+    print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 def _timeout(signum: int, frame: object) -> None:
@@ -156,12 +191,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--coverage", action="store_true", help="run the architecture coverage sweep instead")
     parser.add_argument("--limit", type=int, default=120, help="seconds per architecture in the coverage sweep")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--round-to", type=int, nargs="*", default=[1],
+                        help="prune once per value, keeping channel counts multiples of it (1 = no rounding)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="split forward time into convolutions and other ops (torch.profiler)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.coverage:
         coverage(args.models or COVERAGE_MODELS, 64 if args.size == 224 else args.size, args.limit)
     else:
-        speed(args.models or SPEED_MODELS, args.batch, args.size, args.repeats)
+        speed(args.models or SPEED_MODELS, args.batch, args.size, args.repeats, args.round_to, args.breakdown)
 
 
 if __name__ == "__main__":
