@@ -10,8 +10,9 @@ For each model, 50% of the channels of every prunable group are removed (L1 magn
 * MACs / params ratio of the pruned model (``lightning_effnets.cost.profile``);
 * measured CPU latency ratio, pruned vs dense: fastest of ``--repeats`` forwards each, interleaved, so that
   other processes on a shared machine disturb both alike (the minimum is the least disturbed run);
-* time of the pruning step (fastest of 3, alternating): ``lightning_effnets.pruning.prune`` (graph + scoring + index-tracked surgery + record +
-  a verification forward) vs calling Torch-Pruning directly (``MetaPruner(...).step()``);
+* time of the pruning step (fastest of 3, alternating): ``lightning_effnets.pruning.prune`` (graph + scoring +
+  index-tracked surgery + record + a verification forward) vs calling Torch-Pruning directly
+  (``MetaPruner(...).step()``);
 * Lightning's ``ModelPruning`` (``ln_structured`` masks, amount 0.5 on every conv/linear weight): latency ratio.
 
 With ``--round-to`` each model is pruned once per value (channel counts multiples of it: SIMD/oneDNN-friendly

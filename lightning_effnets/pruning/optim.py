@@ -38,9 +38,10 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, changes: Mapping[nn.Parame
                 if isinstance(value, torch.Tensor) and value.shape == change.old.shape and value.ndim > 0:
                     new_state[key] = change.slice(value)
                 elif isinstance(value, torch.Tensor) and value.numel() > 1:
-                    raise ValueError(f"{type(optimizer).__name__} keeps state {key!r} of shape {tuple(value.shape)} for "
-                                     f"parameter {change.name!r} of shape {tuple(change.old.shape)}; channel pruning "
-                                     "can only slice state shaped like its parameter (SGD, Adam, AdamW, RMSprop, ...)")
+                    raise ValueError(f"{type(optimizer).__name__} keeps state {key!r} of shape {tuple(value.shape)} "
+                                     f"for parameter {change.name!r} of shape {tuple(change.old.shape)}; channel "
+                                     "pruning can only slice state shaped like its parameter (SGD, Adam, AdamW, "
+                                     "RMSprop, ...)")
                 else:
                     new_state[key] = value
             optimizer.state[change.new] = new_state

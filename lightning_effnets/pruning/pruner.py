@@ -114,8 +114,10 @@ class StructuredPruner:
             self.remember_initial(model, example_input, graph)
             uniform = score_groups(groups, lambda g: torch.zeros(g.channels), self.initial_channels, self.layer_ratios)
             solve_ratio(model, self.macs_target, float(self.initial_macs or 1.0),
-                        lambda r: select_channels(uniform, r, round_to=self.round_to, max_layer_ratio=self.max_layer_ratio),
-                        apply=lambda clone, d: apply_decisions(clone, build_graph(clone, example_input), d, True, False),
+                        lambda r: select_channels(uniform, r, round_to=self.round_to,
+                                                  max_layer_ratio=self.max_layer_ratio),
+                        apply=lambda clone, d: apply_decisions(clone, build_graph(clone, example_input), d, True,
+                                                               False),
                         count_macs=lambda clone: float(profile(clone, example_input, measure_latency=False).macs),
                         max_ratio=max(self.max_layer_ratio, 0.5), iterations=0)
         return groups

@@ -51,7 +51,8 @@ def input_spec(example_input: Any) -> Any:
         return {"seq": [input_spec(x) for x in example_input]}
     if isinstance(example_input, dict):
         return {"map": {k: input_spec(v) for k, v in example_input.items()}}
-    raise TypeError(f"example input must be tensors (possibly in a tuple/list/dict), got {type(example_input).__name__}")
+    raise TypeError("example input must be tensors (possibly in a tuple/list/dict), got "
+                    f"{type(example_input).__name__}")
 
 
 def input_from_spec(spec: Any, device: torch.device | str = "cpu") -> Any:

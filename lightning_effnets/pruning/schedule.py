@@ -28,7 +28,8 @@ class PruningSchedule:
         if end < self.start_epoch:
             raise ValueError(f"end_epoch ({end}) must be >= start_epoch ({self.start_epoch})")
         if self.steps > 1 and end - self.start_epoch + 1 < self.steps:
-            raise ValueError(f"{self.steps} pruning steps need at least {self.steps} epochs in [start_epoch, end_epoch] "
+            raise ValueError(f"{self.steps} pruning steps need at least {self.steps} epochs in "
+                             "[start_epoch, end_epoch] "
                              f"= [{self.start_epoch}, {end}]; set end_epoch >= {self.start_epoch + self.steps - 1}")
 
     @property
