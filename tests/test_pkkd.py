@@ -155,7 +155,8 @@ def test_teacher_trains_jointly_and_never_enters_the_student_or_its_checkpoint(t
     trainer.fit(task, _loader())
     teacher = pkkd.teacher
     # either order gives the pre-conversion CNN architecture, matched at the converted layers' places
-    assert isinstance(task.model[3], Adder2d) and isinstance(teacher[3], nn.Conv2d) and isinstance(teacher[6], nn.Conv2d)
+    assert isinstance(task.model[3], Adder2d)
+    assert isinstance(teacher[3], nn.Conv2d) and isinstance(teacher[6], nn.Conv2d)
     assert pkkd.pairs == [("3", "3"), ("6", "6")]
     assert pkkd.teacher_source.startswith("copy" if pkkd_first else "cnn twin")
     assert not torch.equal(_flat(teacher), spy.start), "teacher parameters did not change"
@@ -197,8 +198,8 @@ def test_resume_restores_the_teacher_and_continues_exactly(tmp_path) -> None:
     resumed_task, resumed, spy = _run(tmp_path / "b", ckpt_path=checkpoint)
     # the resumed run starts from the checkpoint's teacher (not a fresh copy), then continues exactly
     assert spy.start is not None
-    torch.testing.assert_close(spy.start, torch.cat([t.flatten().float() for t in saved["modules"]["teacher"].values()]),
-                               rtol=0, atol=0)
+    saved_teacher = torch.cat([t.flatten().float() for t in saved["modules"]["teacher"].values()])
+    torch.testing.assert_close(spy.start, saved_teacher, rtol=0, atol=0)
     assert not torch.equal(spy.start, _flat(straight.teacher))
     torch.testing.assert_close(_flat(resumed.teacher), _flat(straight.teacher), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_flat(resumed.distillation.feature_losses),
@@ -278,3 +279,23 @@ def test_super_resolution_recipe_distils_features_and_output(tmp_path, monkeypat
     assert all(isinstance(pkkd.teacher.get_submodule(t), nn.Conv2d) for _, t in pkkd.pairs)
     metrics = cli.trainer.callback_metrics
     assert {"effnets/pkkd/teacher_loss", "effnets/pkkd/feature_loss", "effnets/pkkd/output_loss"} <= set(metrics)
+
+
+def test_detection_feature_distillation_from_a_given_frozen_teacher() -> None:
+    import copy
+
+    from lightning_effnets.data import ShapesDetectionDataModule
+    from lightning_effnets.tasks import ObjectDetector
+
+    torch.manual_seed(0)
+    task = ObjectDetector(backbone="resnet10t", num_classes=4, in_chans=3, image_size=64, strides=[4, 8, 16],
+                          p6p7=False, fpn_channels=16, head_convs=1, level_boundaries=[10, 20], log_samples=0)
+    teacher = copy.deepcopy(task.model)  # stands for a trained CNN detector
+    frozen = _flat(teacher).clone()
+    pkkd = ProgressiveKernelDistillation(teacher=teacher, train_teacher=False)
+    trainer = _trainer(max_steps=1, callbacks=[pkkd, AdderConversion()])
+    trainer.fit(task, ShapesDetectionDataModule(batch_size=2, image_size=64, num_train=4, num_val=2, num_test=2))
+    assert len(pkkd.pairs) > 10 and torch.equal(_flat(teacher), frozen)
+    metrics = trainer.callback_metrics
+    assert "effnets/pkkd/feature_loss" in metrics and "effnets/pkkd/output_loss" not in metrics  # list outputs
+    assert "effnets/pkkd/teacher_loss" not in metrics

@@ -40,8 +40,9 @@ Design decisions:
 
 Sigmas are per-element bandwidths: a layer with fan-in ``n = C/groups * kh * kw`` uses
 ``exp(adder_out / (sigma_adder * n))`` and ``exp(-||x - w||^2 / (2 * sigma_cnn^2 * n))``, so one value suits every
-layer (kernel values stay away from 0 and 1 whatever the width). The paper's sigmas and weights are unpublished
-in its abstract; the defaults here are the ones tuned on ``recipes/classification/adder_pkkd.yaml``.
+layer (kernel values stay away from 0 and 1 whatever the width). The paper's sigmas and loss weights are not in
+its abstract (unverified); the defaults (sigmas 1, weights 1, T = 4, linear ramp over the first 25% of steps) were
+set before any experiment and are what ``recipes/classification/adder_pkkd.yaml`` uses, untuned.
 """
 
 from __future__ import annotations
@@ -554,8 +555,8 @@ class ProgressiveKernelDistillation(pl.Callback):
 
 def _converted_names(trainer: pl.Trainer) -> list[str] | None:
     """The layers AdderConversion callbacks converted (exact adder-unit names), if any recorded them."""
-    names = [n for cb in trainer.callbacks if isinstance(cb, AdderConversion) and cb.record  # type: ignore[attr-defined]
-             for n in cb.record["converted"]]
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    names = [n for cb in callbacks if isinstance(cb, AdderConversion) and cb.record for n in cb.record["converted"]]
     return names or None
 
 
