@@ -203,3 +203,30 @@ def test_adder_recipe_runs(tmp_path, monkeypatch) -> None:
     assert cli.trainer.global_step == 1
     converted = [n for n, m in cli.model.model.named_modules() if isinstance(m, Adder2d)]
     assert len(converted) == 13 and isinstance(cli.model.model.conv1[0], nn.Conv2d)
+
+
+def test_lr_scale_multiplies_the_task_learning_rate_on_adder_weights_only() -> None:
+    """One Adam step moves each element by ~lr; adder weights must move lr_scale times as far, nothing else."""
+    import functools
+
+    task = ImageClassifier(backbone="resnet10t", num_classes=10, in_chans=1, image_size=16, log_samples=0,
+                           optimizer=functools.partial(torch.optim.Adam, lr=1e-3), lr_schedule="constant")
+    conversion = AdderConversion(lr_scale=10.0)
+    conversion.setup(None, task, "fit")  # type: ignore[arg-type]
+    optimizer = task.configure_optimizers()
+    adder_ids = {id(m.weight) for m in task.modules() if isinstance(m, Adder2d)}
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(lrs) == sum(1 for p in task.parameters() if p.requires_grad)  # every parameter, once
+    assert adder_ids and all(lrs[i] == pytest.approx(1e-2) for i in adder_ids)
+    assert all(lr == pytest.approx(1e-3) for i, lr in lrs.items() if i not in adder_ids)
+    before = {id(p): p.detach().clone() for p in task.parameters()}
+    task(torch.randn(4, 1, 16, 16)).logsumexp(1).mean().backward()
+    optimizer.step()
+    for p in task.parameters():  # Adam's first step is lr * sign(grad) (up to eps) wherever grad != 0
+        if p.grad is None or not p.grad.abs().gt(1e-6).any():
+            continue
+        moved = (p.detach() - before[id(p)]).abs()[p.grad.abs() > 1e-6]
+        expected = 1e-2 if id(p) in adder_ids else 1e-3
+        torch.testing.assert_close(moved.max().item(), expected, rtol=1e-2, atol=0)  # eps: |g| >> 1e-8
+    with pytest.raises(ValueError, match="lr_scale"):
+        AdderConversion(lr_scale=0)

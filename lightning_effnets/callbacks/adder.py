@@ -30,6 +30,7 @@ from torch import nn
 from lightning_effnets.convert.adder import restore_adder, to_adder
 from lightning_effnets.convert.core import _matches
 from lightning_effnets.layers.adder import Adder2d
+from lightning_effnets.tasks.base import set_lr_scale
 
 __all__ = ["AdderConversion", "AdaptiveAdderLR", "adder_layers"]
 
@@ -51,7 +52,11 @@ class AdderConversion(pl.Callback):
     """Convert the task's network to an AdderNet in ``setup`` (see :func:`~lightning_effnets.convert.to_adder`).
 
     Args: those of :func:`~lightning_effnets.convert.to_adder` (``skip_first``, ``skip_last``, ``include``,
-    ``exclude``, ``self_shortcut``, ``power_activation``, ``norm``, ``copy_weights``, ``unfreeze_bn``); ``unfreeze_bn``
+    ``exclude``, ``self_shortcut``, ``power_activation``, ``norm``, ``copy_weights``, ``unfreeze_bn``), plus
+    ``lr_scale``: the task optimizer's learning rate on adder weights is multiplied by it (their N(0, 1) scale
+    is far larger than a conv's, so an Adam-type optimizer, whose steps are ~lr per element, moves them slowly;
+    AdaptiveAdderLR cannot help there, Adam undoes any gradient scaling). Needs the task's optimizer builder
+    (``EffnetsTaskMixin.optimizer_param_groups``); not recorded in checkpoints (it changes no structure); ``unfreeze_bn``
     defaults to True here: adder detectors must keep adapting BN statistics.
 
     Logs ``effnets/adder/converted_layers`` and ``effnets/adder/adder_weight_fraction`` (share of the
@@ -60,7 +65,10 @@ class AdderConversion(pl.Callback):
 
     def __init__(self, skip_first: bool = True, skip_last: bool = True, include: Any = None, exclude: Any = None,
                  self_shortcut: bool = False, power_activation: bool = False, norm: bool = False,
-                 copy_weights: bool = False, unfreeze_bn: bool = True) -> None:
+                 copy_weights: bool = False, unfreeze_bn: bool = True, lr_scale: float = 1.0) -> None:
+        if not (isinstance(lr_scale, (int, float)) and math.isfinite(lr_scale) and lr_scale > 0):
+            raise ValueError(f"AdderConversion(lr_scale=...) must be a positive number, got {lr_scale!r}")
+        self.lr_scale = float(lr_scale)
         self.skip_first, self.skip_last = skip_first, skip_last
         self.include, self.exclude = include, exclude
         self.copy_weights = copy_weights
@@ -91,6 +99,8 @@ class AdderConversion(pl.Callback):
                     report.kept[name] = "task output layer kept full precision"
             self.record = {"converted": list(report.converted), "kept": dict(report.kept),
                            "options": dict(self.options)}
+        if self.lr_scale != 1.0:
+            set_lr_scale([layer.weight for _, layer in adder_layers(model)], self.lr_scale)
         rank_zero_info(f"AdderConversion: {len(report.converted)} adder layer(s); kept full precision: "
                        f"{', '.join(report.kept) or 'none'}")
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EffnetsTaskMixin", "OptimizerFactory", "SchedulerFactory", "default_optimizer"]
+__all__ = ["EffnetsTaskMixin", "OptimizerFactory", "SchedulerFactory", "default_optimizer", "set_lr_scale"]
 
 #: ``params -> Optimizer`` (what LightningCLI's ``OptimizerCallable`` gives from YAML ``class_path``/``init_args``).
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
@@ -36,6 +36,15 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
     """AdamW(lr=1e-3, weight_decay=0.05): a robust default for training small models from scratch."""
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+def set_lr_scale(parameters: Iterable[nn.Parameter], scale: float) -> None:
+    """Ask the task's optimizer for ``scale`` x its learning rate on ``parameters`` (a per-parameter attribute read by
+    :meth:`EffnetsTaskMixin.optimizer_param_groups`; set it before the optimizer is built, e.g. in ``setup``)."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"lr_scale must be a positive number, got {scale!r}")
+    for p in parameters:
+        p.lr_scale = float(scale)  # type: ignore[attr-defined]
 
 
 class EffnetsTaskMixin:
@@ -101,22 +110,33 @@ class EffnetsTaskMixin:
         self.no_weight_decay_norm_bias = no_weight_decay_norm_bias
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
-        """All trainable parameters of the module (callbacks may have added some), in two groups:
-        weights with weight decay, and (if ``no_weight_decay_norm_bias``) 1-D tensors without."""
-        decay, no_decay = [], []
+        """All trainable parameters of the module (callbacks may have added some), grouped: weights with weight
+        decay, and (if ``no_weight_decay_norm_bias``) 1-D tensors without; parameters that carry an
+        ``lr_scale`` attribute (set by methods, see :func:`set_lr_scale`) get their own group with that key,
+        and :meth:`configure_optimizers` multiplies the group's learning rate by it."""
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for p in self.parameters():  # type: ignore[attr-defined]
             if not p.requires_grad:
                 continue
-            (no_decay if self.no_weight_decay_norm_bias and p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+            no_decay = self.no_weight_decay_norm_bias and p.ndim <= 1
+            groups.setdefault((no_decay, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+        result = []
+        for (no_decay, scale), params in sorted(groups.items(), key=lambda item: item[0]):
+            group: dict[str, Any] = {"params": params}
+            if no_decay:
+                group["weight_decay"] = 0.0
+            if scale != 1.0:
+                group["lr_scale"] = scale
+            result.append(group)
+        return result
 
     def configure_optimizers(self) -> Any:
         if not hasattr(self, "optimizer_factory"):
             raise RuntimeError(f"{type(self).__name__}.__init__ must call self.init_optimization(...)")
         optimizer = self.optimizer_factory(self.optimizer_param_groups())
+        for group in optimizer.param_groups:  # before any scheduler records the initial learning rates
+            if "lr_scale" in group:
+                group["lr"] = group["lr"] * group["lr_scale"]
         if self.scheduler_factory is not None:
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
