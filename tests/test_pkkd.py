@@ -207,6 +207,55 @@ def test_resume_restores_the_teacher_and_continues_exactly(tmp_path) -> None:
     torch.testing.assert_close(_flat(resumed_task), _flat(straight_task), rtol=1e-5, atol=1e-6)
 
 
+class PlainSGDTask(TinyTask):
+    """TinyTask with SGD without momentum or weight decay: one step moves a parameter by exactly ``-lr * grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init_optimization(partial(torch.optim.SGD, lr=0.05), lr_schedule="constant")
+
+
+class StepRecorder(pl.Callback):
+    """Every parameter with its value and gradient right before the first optimizer step, and its value after."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.optimizer = optimizer
+        self.before = {n: (p, p.detach().clone(), p.grad.detach().clone()) for n, p in pl_module.named_parameters()
+                       if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after = {n: p.detach().clone() for n, (p, _, _) in self.before.items()}
+
+
+def test_teacher_lr_scale_gives_the_teacher_its_own_learning_rate() -> None:
+    torch.manual_seed(0)
+    task, recorder = PlainSGDTask(), StepRecorder()
+    pkkd = ProgressiveKernelDistillation(ramp=0.0, teacher_lr_scale=0.5)
+    # AdderConversion's own scale on the adder weights must survive next to the teacher's
+    _trainer(max_steps=1, callbacks=[pkkd, AdderConversion(lr_scale=3.0), recorder]).fit(task, _loader())
+    base = 0.05
+    teacher = {id(p) for p in pkkd.teacher.parameters()}
+    adder = {id(m.weight) for m in task.model.modules() if isinstance(m, Adder2d)}
+    mappings = {id(p) for p in pkkd.distillation.feature_losses.parameters()}
+    assert (len(teacher), len(adder), len(mappings)) == (14, 2, 4)
+
+    def expected_lr(p: nn.Parameter) -> float:
+        return base * (0.5 if id(p) in teacher else 3.0 if id(p) in adder else 1.0)
+
+    for group in recorder.optimizer.param_groups:
+        assert len({expected_lr(p) for p in group["params"]}) == 1, "a param group mixes learning rates"
+        assert group["lr"] == pytest.approx(expected_lr(group["params"][0]))
+    # independent of the param groups: the SGD step itself moved every parameter (teacher, mappings, student) by
+    # its own rate x its gradient
+    kinds = set()
+    for name, (p, value, grad) in recorder.before.items():
+        kinds.add(name.split(".")[1] if name.startswith("effnets_pkkd.") else "student")
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(recorder.after[name], value - expected_lr(p) * grad, rtol=0, atol=1e-7,
+                                   msg=f"{name}: expected a step of {expected_lr(p)} x grad")
+    assert kinds == {"teacher", "feature_losses", "student"}
+
+
 class SameTeacherOnEveryRank(pl.Callback):
     """Runs inside each DDP worker: the teacher is a submodule of the wrapped module, so DDP keeps it in sync."""
 
@@ -249,6 +298,8 @@ def test_bad_inputs_give_clear_errors() -> None:
                                          AdderConversion()]).fit(TinyTask(), _loader())
     with pytest.raises(ValueError, match="sigma_adder must be a positive number"):
         ProgressiveKernelDistillation(sigma_adder=0)
+    with pytest.raises(ValueError, match="teacher_lr_scale must be a positive number"):
+        ProgressiveKernelDistillation(teacher_lr_scale=0.0)
     with pytest.raises(ValueError, match="needs a trained one"):
         ProgressiveKernelDistillation(train_teacher=False)
 

@@ -26,7 +26,8 @@ Design decisions:
   follow the task's schedule, and DDP all-reduces their gradients and broadcasts their initial values like any
   other parameter: both ranks always hold the same teacher. (A second optimizer would need manual optimization
   in every task.) ``AdaptiveAdderLR`` only touches ``Adder2d`` weights, so the teacher's convolutions get plain
-  gradients.
+  gradients. The teacher's learning rate can still differ: ``teacher_lr_scale`` puts its parameters in their own
+  param group (the contract's ``lr_scale``), since the CNN's best rate is not the adder student's.
 * **Teacher = pre-conversion architecture.** With ``teacher=None`` the teacher is a copy of ``pl_module.model``
   taken before :class:`~lightning_effnets.callbacks.AdderConversion` converts it (same initial weights as the
   network the student was converted from). Callback order does not matter: if the model is not converted yet
@@ -65,6 +66,7 @@ from lightning_effnets.distill.losses import KernelFeatureLoss, output_distillat
 from lightning_effnets.distill.schedule import ScheduleName, progressive_weight
 from lightning_effnets.distill.teacher import adder_units, cnn_twin
 from lightning_effnets.layers.adder import Adder2d
+from lightning_effnets.tasks.base import set_lr_scale
 
 __all__ = ["DistillationModules", "ProgressiveKernelDistillation"]
 
@@ -148,6 +150,12 @@ class ProgressiveKernelDistillation(pl.Callback):
             batch) -> scalar`` (e.g. for detection).
         train_teacher: train the teacher jointly (PKKD). ``False`` freezes a given, already trained teacher (kept
             in eval mode, no teacher loss): plain kernel distillation from a fixed CNN.
+        teacher_lr_scale: the task optimizer's learning rate on the teacher's parameters is multiplied by it
+            (> 0; via :func:`~lightning_effnets.tasks.base.set_lr_scale`, so the teacher gets its own param
+            group). The teacher shares the student's optimizer, but a CNN's best learning rate is not an adder
+            network's: on low-data digits with SGD the adder recipes use lr 0.2 while the CNN alone does best at
+            0.1, so ``0.5`` gives the teacher its own best rate. The 1x1 mappings are trained for the student's
+            loss and stay at the task's rate.
 
     Logged: epoch means ``effnets/pkkd/{teacher_loss, teacher_acc, feature_loss, output_loss}`` (unweighted;
     averaged over ranks), the same with a ``_step`` suffix plus ``effnets/pkkd/weight`` (the schedule's factor)
@@ -160,8 +168,10 @@ class ProgressiveKernelDistillation(pl.Callback):
                  sigma_adder: float = 1.0, sigma_cnn: float = 1.0, feature_weight: float = 1.0,
                  logit_weight: float = 1.0, temperature: float = 4.0, schedule: ScheduleName = "linear",
                  ramp: float = 0.25, ramp_start: float = 0.0, output_loss: OutputLoss = "auto",
-                 teacher_loss: TeacherLoss = "auto", train_teacher: bool = True) -> None:
-        for name, value in (("sigma_adder", sigma_adder), ("sigma_cnn", sigma_cnn), ("temperature", temperature)):
+                 teacher_loss: TeacherLoss = "auto", train_teacher: bool = True,
+                 teacher_lr_scale: float = 1.0) -> None:
+        for name, value in (("sigma_adder", sigma_adder), ("sigma_cnn", sigma_cnn), ("temperature", temperature),
+                            ("teacher_lr_scale", teacher_lr_scale)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"ProgressiveKernelDistillation: {name} must be a positive number, got {value!r}")
         for name, value in (("feature_weight", feature_weight), ("logit_weight", logit_weight)):
@@ -187,6 +197,7 @@ class ProgressiveKernelDistillation(pl.Callback):
         self.temperature = float(temperature)
         self.schedule, self.ramp, self.ramp_start = schedule, float(ramp), float(ramp_start)
         self.output_loss, self.teacher_loss, self.train_teacher = output_loss, teacher_loss, train_teacher
+        self.teacher_lr_scale = float(teacher_lr_scale)
         #: ``(student adder layer, teacher conv layer)`` pairs matched in kernel space.
         self.pairs: list[tuple[str, str]] = []
         self.teacher_source: str | None = None
@@ -235,6 +246,10 @@ class ProgressiveKernelDistillation(pl.Callback):
         pl_module.add_module(ATTRIBUTE, self.distillation)
         if not self.train_teacher:
             self.distillation.teacher.requires_grad_(False)
+        # Set on every teacher parameter, also at 1.0: a teacher copied from the task model must not inherit a
+        # student-side scale (e.g. AdderConversion's on adder weights). Done in every setup (the attribute is not
+        # checkpointed), before configure_optimizers builds the param groups.
+        set_lr_scale(self.distillation.teacher.parameters(), self.teacher_lr_scale)
         self._attach(pl_module, model)
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module,
