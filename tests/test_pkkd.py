@@ -87,6 +87,14 @@ def test_cnn_twin_undoes_adder_sr_wrappers_and_keeps_the_rest() -> None:
     assert [type(m) for m in twin] == [nn.Conv2d, nn.Conv2d, nn.ReLU, nn.Conv2d, nn.Conv2d]
     assert (twin[3].in_channels, twin[3].out_channels, twin[3].stride) == (4, 6, (2, 2))
     assert torch.equal(twin[0].weight, model[0].weight) and twin[0].weight is not model[0].weight
+    # the AdderSR recipe's P(BN(adder(x))) (norm, no self-shortcut): with the conversion record, the whole wrapper
+    # (including the BatchNorm2d that norm=True added) goes back to one conv
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1))
+    report = to_adder(model, norm=True, self_shortcut=False, power_activation=True)
+    assert isinstance(model[1][0][1], nn.BatchNorm2d) and isinstance(model[1][1], PowerActivation)
+    twin = cnn_twin(model, report.converted)
+    assert [type(m) for m in twin.modules()] == [nn.Sequential, nn.Conv2d, nn.Conv2d, nn.ReLU, nn.Conv2d]
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -328,6 +336,14 @@ def test_super_resolution_recipe_distils_features_and_output(tmp_path, monkeypat
     # one residual block (2 convs) + the body's closing conv, each wrapped by the conversion (norm, power act.)
     assert [t for _, t in pkkd.pairs] == ["body.0.conv1", "body.0.conv2", "body.1"]
     assert all(isinstance(pkkd.teacher.get_submodule(t), nn.Conv2d) for _, t in pkkd.pairs)
+    # the teacher is the plain EDSR CNN (no BN / power-activation wrappers), at the task's learning rate, while
+    # AdderConversion(lr_scale=30) speeds up the student's adder weights only
+    assert not any(isinstance(m, (Adder2d, nn.BatchNorm2d, PowerActivation)) for m in pkkd.teacher.modules())
+    lr = {id(p): g["lr"] for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    base = lr[id(cli.model.model.head.weight)]  # a student conv that stays multiplicative (after 1 warm-up step)
+    assert all(math.isclose(lr[id(p)], base) for p in pkkd.teacher.parameters())
+    adders = [m.weight for m in cli.model.model.modules() if isinstance(m, Adder2d)]
+    assert len(adders) == 3 and all(math.isclose(lr[id(w)], 30 * base) for w in adders)
     metrics = cli.trainer.callback_metrics
     assert {"effnets/pkkd/teacher_loss", "effnets/pkkd/feature_loss", "effnets/pkkd/output_loss"} <= set(metrics)
 
