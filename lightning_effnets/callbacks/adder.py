@@ -149,15 +149,6 @@ class AdderConversion(pl.Callback):
         restore_adder(model, AdderConversion.record_from_checkpoint(checkpoint))
 
     @staticmethod
-    def restore_structure(model: nn.Module, state: dict[str, Any]) -> bool:
-        """Convert ``model`` as this callback's saved ``state`` records, unless it already is; returns whether it
-        converted (used by ``EffnetsTaskMixin.on_load_checkpoint``)."""
-        if not state or _is_converted(model, state):
-            return False
-        restore_adder(model, state)
-        return True
-
-    @staticmethod
     def load_from_checkpoint(task_cls: type[pl.LightningModule], checkpoint_path: Any, map_location: Any = "cpu",
                              **hparams_overrides: Any) -> pl.LightningModule:
         """``task_cls.load_from_checkpoint`` for a checkpoint of an adder-converted task.

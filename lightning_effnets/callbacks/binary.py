@@ -135,15 +135,6 @@ class Binarization(pl.Callback):
         """Convert a fresh ``model`` (the task's ``.model``) exactly as recorded in ``checkpoint``."""
         restore_binary(model, Binarization.record_from_checkpoint(checkpoint))
 
-    @staticmethod
-    def restore_structure(model: nn.Module, state: dict[str, Any]) -> bool:
-        """Binarise ``model`` as this callback's saved ``state`` records, unless it already is; returns whether it
-        converted (used by ``EffnetsTaskMixin.on_load_checkpoint``)."""
-        if not state or _is_converted(model, state):
-            return False
-        restore_binary(model, state)
-        return True
-
 
 def _is_converted(model: nn.Module, record: dict[str, Any]) -> bool:
     binary = {name for name, _ in iter_binary_layers(model)}

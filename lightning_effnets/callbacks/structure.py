@@ -10,11 +10,27 @@ callbacks have already converted the network in ``setup``, and nothing is done t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 __all__ = ["restore_converted_structure"]
+
+Replayer = Callable[[nn.Module, dict[str, Any]], bool]
+
+
+def _replay_record(is_converted: Callable[[nn.Module, dict[str, Any]], bool],
+                   restore: Callable[[nn.Module, dict[str, Any]], Any]) -> Replayer:
+    """A replayer for callbacks whose state is a layer-swap record: apply it unless the model already is converted."""
+
+    def replay(model: nn.Module, state: dict[str, Any]) -> bool:
+        if not state or is_converted(model, state):
+            return False
+        restore(model, state)
+        return True
+
+    return replay
 
 
 def restore_converted_structure(model: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
@@ -23,14 +39,18 @@ def restore_converted_structure(model: nn.Module, checkpoint: dict[str, Any]) ->
     Conversions are replayed in the order the callbacks were listed in the Trainer, which is the order their
     ``setup`` converted the network in.
     """
-    from lightning_effnets.callbacks.adder import AdderConversion
-    from lightning_effnets.callbacks.binary import Binarization
+    from lightning_effnets.callbacks import adder, binary
     from lightning_effnets.callbacks.camera_bn import CameraBN
+    from lightning_effnets.convert import restore_adder, restore_binary
 
-    restorers = (AdderConversion, Binarization, CameraBN)
+    replayers: dict[str, Replayer] = {
+        "AdderConversion": _replay_record(adder._is_converted, restore_adder),
+        "Binarization": _replay_record(binary._is_converted, restore_binary),
+        "CameraBN": CameraBN.restore_structure,
+    }
     applied = []
     for key, state in checkpoint.get("callbacks", {}).items():
-        for callback in restorers:
-            if str(key).startswith(callback.__qualname__) and state and callback.restore_structure(model, state):
-                applied.append(callback.__qualname__)
+        for name, replay in replayers.items():
+            if str(key).startswith(name) and state and replay(model, state):
+                applied.append(name)
     return applied

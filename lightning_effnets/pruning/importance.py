@@ -25,6 +25,8 @@ every step, ``score`` to read the learned factors, ``state_dict`` to resume). Re
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -39,7 +41,7 @@ __all__ = ["Criterion", "MagnitudeCriterion", "BNScaleCriterion", "TaylorCriteri
            "build_criterion", "available_criteria"]
 
 
-class Criterion:
+class Criterion(abc.ABC):
     """Base class of importance criteria (see module docstring). Hooks default to doing nothing."""
 
     #: divide each group's scores by their mean before ranking groups against each other (global pruning);
@@ -66,9 +68,9 @@ class Criterion:
         """Whether this criterion can score ``group`` at all (e.g. slimming needs a normalisation layer)."""
         return any(layer_kind(item.module) in ("conv", "linear") for item in group.items)
 
+    @abc.abstractmethod
     def score(self, group: PrunableGroup) -> Tensor | None:
         """Importance of each of the group's ``channels`` root channels (1-D float tensor), or None."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score()")
 
     def state_dict(self) -> dict[str, Any]:
         return {}
