@@ -65,6 +65,16 @@ def test_statistics_equal_the_average_over_the_first_training_batches():
     assert bn.momentum == 0.1  # restored after recalibrating
 
 
+def test_none_averages_over_the_whole_training_loader():
+    """``num_batches=None`` ("precise BN"): with equal batches the mean is the exact mean over every training image."""
+    task, loader = _Tiny(), _loader(n=40)
+    _trainer(callbacks=[BatchNormRecalibration(num_batches=None)], max_epochs=1).fit(task, loader, _loader(16, seed=1))
+    x = loader.dataset.tensors[0]
+    with torch.no_grad():
+        h = task.model[0](x)  # all 40 images at once, with the final weights
+    torch.testing.assert_close(task.model[1].running_mean, h.mean((0, 2, 3)))
+
+
 def test_adder_statistics_lag_and_the_shift_is_logged():
     """Adder outputs drift by many standard deviations per epoch: the logged shift shows how stale BN was."""
     task = _Tiny(adder=True)
@@ -83,6 +93,8 @@ def test_adder_statistics_lag_and_the_shift_is_logged():
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="positive integer"):
         BatchNormRecalibration(num_batches=0)
+    with pytest.raises(ValueError, match="whole training loader"):
+        BatchNormRecalibration(num_batches=True)
 
     class NoBN(_Tiny):
         def __init__(self):

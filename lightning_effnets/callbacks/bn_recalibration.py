@@ -42,14 +42,19 @@ class BatchNormRecalibration(pl.Callback):
     Args:
         num_batches: training batches to average over (forward only, no gradients; fewer if the loader is
             shorter). About ``num_batches / len(train_loader)`` of an epoch's forward cost per validation.
+            ``None`` uses the whole training loader ("precise BN"): the statistics the model will be evaluated
+            with are then an average over every training image instead of a random few batches, which matters
+            when the test set is small enough that one image is a visible fraction of a point.
 
     Logs ``effnets/bn_recalibration/mean_shift``: the mean over BN channels of ``|new - old running mean| /
     sqrt(new running var)``, i.e. how many standard deviations the stale statistics were off.
     """
 
-    def __init__(self, num_batches: int = 10) -> None:
-        if not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"BatchNormRecalibration(num_batches=...) must be a positive integer, got {num_batches!r}")
+    def __init__(self, num_batches: int | None = 10) -> None:
+        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                        or num_batches < 1):
+            raise ValueError("BatchNormRecalibration(num_batches=...) must be a positive integer, or None for the "
+                             f"whole training loader; got {num_batches!r}")
         self.num_batches = num_batches
         #: validations recalibrated so far (saved in checkpoints, for the record)
         self.recalibrations = 0
@@ -68,7 +73,8 @@ class BatchNormRecalibration(pl.Callback):
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
             raise TypeError(f"BatchNormRecalibration needs a single training DataLoader, got {type(loader).__name__}")
-        shift = self.recalibrate(trainer, pl_module, islice(loader, self.num_batches))
+        batches = loader if self.num_batches is None else islice(loader, self.num_batches)
+        shift = self.recalibrate(trainer, pl_module, batches)
         self.recalibrations += 1
         pl_module.log("effnets/bn_recalibration/mean_shift", shift, on_step=False, on_epoch=True, sync_dist=False)
 
