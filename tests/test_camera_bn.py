@@ -352,6 +352,11 @@ def test_checkpoint_round_trip_keeps_every_camera_statistic(tmp_path):
         torch.testing.assert_close(b.running_mean, a.running_mean)
         torch.testing.assert_close(b.running_var, a.running_var)
         assert torch.equal(b.num_batches_tracked, a.num_batches_tracked)
+    # validate(ckpt_path) outside fit (Lightning restores no callback state there): the camera map still comes back,
+    # so camera 4, adapted into slot 2 during training, is evaluated with its statistics even with adapt=False
+    task4, callback4 = _CameraTask(), CameraBN(num_cameras=2, adapt=False)
+    _trainer(callbacks=[callback4]).validate(task4, loader, ckpt_path=path)
+    assert callback4.camera_map == callback.camera_map and callback4.trained_cameras == {0, 1}
     # without the callback: the task rebuilds its camera BN layers from the checkpoint (on_load_checkpoint)
     task3 = _CameraTask.load_from_checkpoint(path)  # strict loading
     for (name, a), (_, b) in zip(camera_bn_layers(task.model), camera_bn_layers(task3.model)):
