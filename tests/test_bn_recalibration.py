@@ -73,6 +73,13 @@ def test_none_averages_over_the_whole_training_loader():
     with torch.no_grad():
         h = task.model[0](x)  # all 40 images at once, with the final weights
     torch.testing.assert_close(task.model[1].running_mean, h.mean((0, 2, 3)))
+    # within limit_train_batches: the first 2 batches (16 images) of the unshuffled loader
+    task = _Tiny()
+    _trainer(callbacks=[BatchNormRecalibration(num_batches=None)], max_epochs=1,
+             limit_train_batches=2).fit(task, loader, _loader(16, seed=1))
+    with torch.no_grad():
+        h = task.model[0](x[:16])
+    torch.testing.assert_close(task.model[1].running_mean, h.mean((0, 2, 3)))
 
 
 def test_adder_statistics_lag_and_the_shift_is_logged():

@@ -42,9 +42,9 @@ class BatchNormRecalibration(pl.Callback):
     Args:
         num_batches: training batches to average over (forward only, no gradients; fewer if the loader is
             shorter). About ``num_batches / len(train_loader)`` of an epoch's forward cost per validation.
-            ``None`` uses the whole training loader ("precise BN"): the statistics the model will be evaluated
-            with are then an average over every training image instead of a random few batches, which matters
-            when the test set is small enough that one image is a visible fraction of a point.
+            ``None`` uses the batches of one training epoch (the whole loader, within ``limit_train_batches``;
+            "precise BN"): the model is then evaluated with an average over every training image instead of a
+            random few batches, which matters when one test image is a visible fraction of a point.
 
     Logs ``effnets/bn_recalibration/mean_shift``: the mean over BN channels of ``|new - old running mean| /
     sqrt(new running var)``, i.e. how many standard deviations the stale statistics were off.
@@ -73,7 +73,8 @@ class BatchNormRecalibration(pl.Callback):
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
             raise TypeError(f"BatchNormRecalibration needs a single training DataLoader, got {type(loader).__name__}")
-        batches = loader if self.num_batches is None else islice(loader, self.num_batches)
+        limit = trainer.num_training_batches if self.num_batches is None else self.num_batches
+        batches = loader if limit == float("inf") else islice(loader, int(limit))  # None: one training epoch
         shift = self.recalibrate(trainer, pl_module, batches)
         self.recalibrations += 1
         pl_module.log("effnets/bn_recalibration/mean_shift", shift, on_step=False, on_epoch=True, sync_dist=False)
