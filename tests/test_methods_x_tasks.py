@@ -1,11 +1,13 @@
 """Every method attaches to every task unchanged: each task recipe, plus a method callback from the CLI,
 trains one step and the method has really acted on the task's network."""
 
+import copy
 import math
 
 import pytest
 import torch
 
+from lightning_effnets.callbacks import ProgressiveKernelDistillation
 from lightning_effnets.cli import main
 from lightning_effnets.layers import Adder2d, BinaryConv2d
 
@@ -60,3 +62,54 @@ def test_method_attaches_to_task(recipe, method, tmp_path, monkeypatch):
             example = cli.model.example_input_array
             out = model(*example) if isinstance(example, tuple) else model(example)
         assert out is not None
+
+
+PKKD = ["--trainer.callbacks+=lightning_effnets.callbacks.AdderConversion",
+        "--trainer.callbacks+=lightning_effnets.callbacks.ProgressiveKernelDistillation",
+        "--trainer.callbacks.schedule=constant"]  # full distillation weight at the only step
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([t.detach().flatten().float() for t in module.state_dict().values()])
+
+
+@pytest.mark.parametrize("recipe", ["detection/baseline", "referring/baseline", "reid/baseline"])
+def test_pkkd_trains_its_teacher_jointly_with_the_task_loss(recipe, tmp_path, monkeypatch):
+    """PKKD's default teacher loss is the task's own (``task_loss``): the CNN teacher trains next to the adder
+    student on tasks whose batches say nothing about the loss (box lists, dict batches, several outputs)."""
+    seen = {}
+    cls = ProgressiveKernelDistillation
+    start, batch_start, batch_end = cls.on_train_start, cls.on_train_batch_start, cls.on_train_batch_end
+
+    def on_train_start(self, trainer, pl_module):
+        seen["teacher"] = copy.deepcopy(self.teacher)  # before the first optimizer step
+        self.teacher.register_forward_pre_hook(lambda module, args: seen.setdefault("args", args))
+        start(self, trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        seen["batch"] = batch
+        batch_start(self, trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        seen["loss"] = float(outputs["loss"])  # what the task's training_step returned
+        batch_end(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    for hook in (on_train_start, on_train_batch_start, on_train_batch_end):
+        monkeypatch.setattr(cls, hook.__name__, hook)
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", recipe, "--trainer.fast_dev_run=true", *SMALL_DATA[recipe], *PKKD])
+    trainer, task = cli.trainer, cli.model
+    pkkd = next(cb for cb in trainer.callbacks if isinstance(cb, ProgressiveKernelDistillation))
+    assert trainer.global_step == 1 and pkkd.pairs and any(isinstance(m, Adder2d) for m in task.model.modules())
+    # the teacher trained: its weights moved, and its loss was the task's loss of its own output on the batch
+    assert not torch.equal(_flat(pkkd.teacher), _flat(seen["teacher"])), "teacher weights did not change"
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    with torch.no_grad():
+        expected = float(task.task_loss(seen["teacher"](*seen["args"]), seen["batch"]))
+    assert metrics["effnets/pkkd/teacher_loss_step"] == pytest.approx(expected, rel=1e-5)
+    # the distillation terms (weight 1) were added to the task's loss: aux = teacher + feature (+ output KD)
+    aux = metrics["train/aux/pkkd_step"]
+    parts = sum(metrics.get(f"effnets/pkkd/{k}_step", 0.0) for k in ("teacher_loss", "feature_loss", "output_loss"))
+    assert metrics["effnets/pkkd/feature_loss_step"] > 0 and aux == pytest.approx(parts, rel=1e-5)
+    assert seen["loss"] == pytest.approx(metrics["train/loss_step"] + aux, rel=1e-5)
+    assert not hasattr(task, "effnets_pkkd")  # the student leaves fit without its teacher

@@ -3,6 +3,7 @@ clean checkpoints, exact resume, DDP), bad-input errors and the recipes through 
 
 from __future__ import annotations
 
+import copy
 import math
 from functools import partial
 
@@ -114,9 +115,11 @@ class TinyTask(EffnetsTaskMixin, pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    def task_loss(self, output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(output, batch[1])
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = self.task_loss(self(batch[0]), batch)
         return loss + self.pop_auxiliary_loss(loss)
 
 
@@ -310,6 +313,73 @@ def test_bad_inputs_give_clear_errors() -> None:
         ProgressiveKernelDistillation(teacher_lr_scale=0.0)
     with pytest.raises(ValueError, match="needs a trained one"):
         ProgressiveKernelDistillation(train_teacher=False)
+
+
+class SmoothedLossTask(TinyTask):
+    """A task whose loss no batch inference would guess (label smoothing 0.3): the teacher must learn with it."""
+
+    def task_loss(self, output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(output, batch[1], label_smoothing=0.3)
+
+
+class NoLossTask(TinyTask):
+    """Trains with its own loss but keeps the contract's default ``task_loss``: it exposes no loss."""
+
+    task_loss = EffnetsTaskMixin.task_loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        return loss + self.pop_auxiliary_loss(loss)
+
+
+class NoLossForThisBatchTask(NoLossTask):
+    def task_loss(self, output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor | None:
+        return None
+
+
+class TeacherSnapshot(pl.Callback):
+    def __init__(self, pkkd: ProgressiveKernelDistillation) -> None:
+        self.pkkd = pkkd
+
+    def on_train_start(self, trainer, pl_module):
+        self.teacher = copy.deepcopy(self.pkkd.teacher)
+
+
+def test_teacher_learns_with_the_task_loss() -> None:
+    torch.manual_seed(0)
+    pkkd = ProgressiveKernelDistillation()
+    snapshot = TeacherSnapshot(pkkd)
+    trainer = _trainer(max_steps=1, callbacks=[pkkd, AdderConversion(), snapshot])
+    trainer.fit(SmoothedLossTask(), _loader(n=8))
+    x, y = next(iter(_loader(n=8)))
+    with torch.no_grad():  # the teacher in train mode as in the step (batch statistics): the same output
+        logits = snapshot.teacher(x).double()
+    log_p = logits.log_softmax(dim=1)
+    expected = (-(0.7 * log_p.gather(1, y[:, None])[:, 0] + 0.3 / 3 * log_p.sum(dim=1))).mean()
+    metrics = trainer.callback_metrics
+    assert float(metrics["effnets/pkkd/teacher_loss_step"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(metrics["effnets/pkkd/teacher_acc_step"]) == pytest.approx(float((logits.argmax(1) == y).double()
+                                                                                  .mean()))
+
+
+def test_a_task_without_a_loss_gets_a_clear_error_naming_the_fixes() -> None:
+    with pytest.raises(ValueError, match=r"NoLossTask.task_loss\(output, batch\), but it does not implement it.*"
+                                         r"teacher_loss='cross_entropy' \| 'l1' \| 'mse' \| callable"):
+        _trainer(max_steps=1, callbacks=[ProgressiveKernelDistillation(), AdderConversion()]).fit(
+            NoLossTask(), _loader())
+    with pytest.raises(ValueError, match="but it returned None for this batch. Implement NoLossForThisBatchTask"):
+        _trainer(max_steps=1, callbacks=[ProgressiveKernelDistillation(), AdderConversion()]).fit(
+            NoLossForThisBatchTask(), _loader())
+    # the fixes the message names work: a fixed loss, or a frozen trained teacher (no teacher loss at all)
+    trainer = _trainer(max_steps=1, callbacks=[ProgressiveKernelDistillation(teacher_loss="cross_entropy"),
+                                               AdderConversion()])
+    trainer.fit(NoLossTask(), _loader())
+    assert "effnets/pkkd/teacher_loss" in trainer.callback_metrics
+    trainer = _trainer(max_steps=1, callbacks=[ProgressiveKernelDistillation(teacher=TinyTask().model,
+                                                                             train_teacher=False),
+                                               AdderConversion()])
+    trainer.fit(NoLossTask(), _loader())
+    assert "effnets/pkkd/feature_loss" in trainer.callback_metrics
 
 
 # ----------------------------------------------------------------------------------------------- recipes

@@ -9,8 +9,9 @@ student ("progressive": the student learns from a teacher that is itself improvi
    input and raw output;
 3. the callback adds to the task loss, through the task contract (``add_auxiliary_loss``):
 
-   * ``pkkd/teacher``: the teacher's own supervised loss (how it learns; cross-entropy / L1 inferred from the
-     batch, or a callable);
+   * ``pkkd/teacher``: the teacher's own supervised loss (how it learns): the task's own loss through the task
+     contract, ``pl_module.task_loss(teacher_output, batch)``, so the teacher trains on every task with the
+     objective the task trains its network with (or a fixed loss / callable, see ``teacher_loss``);
    * ``pkkd/feature``: ``feature_weight * w(t) * mean_l ||conv1x1_l(laplace(adder_l)) - gaussian(conv_l)||^2``
      (:mod:`lightning_effnets.distill`), teacher side detached;
    * ``pkkd/output``: ``logit_weight * w(t) * KD`` between outputs: temperature-softened KL for logits, L1 for
@@ -34,6 +35,10 @@ Design decisions:
   when this callback's ``setup`` runs, it copies the model and then runs ``AdderConversion.setup`` itself (which
   is idempotent); if it already is, the CNN twin is rebuilt from the adder layers' geometry
   (:func:`~lightning_effnets.distill.cnn_twin`, fresh conv initialisation).
+* **The task's own loss for the teacher.** The teacher's loss comes from the task contract
+  (``task_loss``), not from guessing at the batch: a detection or re-id batch says nothing about its loss, and
+  a classification task's label smoothing is part of its objective. The teacher trains with the objective
+  the task trains its own network with, on every task.
 * **Clean student.** The teacher and mappings are invisible to ``pl_module.state_dict()``: they are saved in this
   callback's ``state_dict`` (checkpoint ``"callbacks"`` section) and restored from it on resume, so a checkpoint's
   ``state_dict`` loads into a plain (adder) task module, and they are detached from ``pl_module`` when fitting
@@ -66,7 +71,7 @@ from lightning_effnets.distill.losses import KernelFeatureLoss, output_distillat
 from lightning_effnets.distill.schedule import ScheduleName, progressive_weight
 from lightning_effnets.distill.teacher import adder_units, cnn_twin
 from lightning_effnets.layers.adder import Adder2d
-from lightning_effnets.tasks.base import set_lr_scale
+from lightning_effnets.tasks.base import EffnetsTaskMixin, set_lr_scale
 
 __all__ = ["DistillationModules", "ProgressiveKernelDistillation"]
 
@@ -144,10 +149,14 @@ class ProgressiveKernelDistillation(pl.Callback):
         ramp_start: initial factor of the ramp.
         output_loss: ``"auto"`` (KL for 2-d logits, L1 for dense outputs, nothing for structured outputs such as
             detection heads), or force ``"kl"``, ``"l1"``, ``"mse"``, ``"none"``.
-        teacher_loss: the teacher's supervised loss: ``"auto"`` infers it from ``batch = (input, target, ...)``
-            (integer class targets: cross-entropy, plus ``effnets/pkkd/teacher_acc``; a float target shaped
-            like the output: L1), or ``"cross_entropy"``, ``"l1"``, ``"mse"``, or ``callable(teacher_output,
-            batch) -> scalar`` (e.g. for detection).
+        teacher_loss: the teacher's supervised loss. ``"auto"``: the task's own training loss,
+            ``pl_module.task_loss(teacher_output, batch)`` (:meth:`EffnetsTaskMixin.task_loss
+            <lightning_effnets.tasks.base.EffnetsTaskMixin.task_loss>`; every task of the package implements it, so
+            the teacher trains jointly on classification, detection, super-resolution, referring and re-id alike);
+            a task that exposes no loss gets a clear error in ``setup``. Or ``"cross_entropy"``, ``"l1"``, ``"mse"`` against ``batch[1]`` of ``batch =
+            (input, target, ...)``, or ``callable(teacher_output, batch) -> scalar``. Whatever the loss,
+            ``effnets/pkkd/teacher_acc`` is logged when the batch is ``(input, integer labels [N], ...)`` and the
+            output ``(N, classes)`` logits.
         train_teacher: train the teacher jointly (PKKD). ``False`` freezes a given, already trained teacher (kept
             in eval mode, no teacher loss): plain kernel distillation from a fixed CNN.
         teacher_lr_scale: the task optimizer's learning rate on the teacher's parameters is multiplied by it
@@ -230,6 +239,8 @@ class ProgressiveKernelDistillation(pl.Callback):
         if stage != "fit":
             return  # validate/test/predict use the student alone
         model = _task_model(pl_module, "ProgressiveKernelDistillation")
+        if self.train_teacher and self.teacher_loss == "auto":
+            _check_task_loss(pl_module)  # before the teacher is built: fail fast, naming the fix
         if self.distillation is None:
             self.distillation = self._build(trainer, pl_module, model, stage)
             if self._pending_state is not None:
@@ -431,7 +442,7 @@ class ProgressiveKernelDistillation(pl.Callback):
 
         total: Tensor | None = None
         if self.train_teacher:
-            terms["teacher_loss"] = teacher_loss = self._teacher_task_loss(teacher_out, batch_size)
+            terms["teacher_loss"] = teacher_loss = self._teacher_task_loss(pl_module, teacher_out)
             total = teacher_loss
             if self._teacher_acc is not None:
                 terms["teacher_acc"], self._teacher_acc = self._teacher_acc, None
@@ -503,26 +514,30 @@ class ProgressiveKernelDistillation(pl.Callback):
         assert total is not None
         return total / len(self._pair_info)
 
-    def _teacher_task_loss(self, teacher_out: Any, batch_size: int) -> Tensor:
+    def _teacher_task_loss(self, pl_module: pl.LightningModule, teacher_out: Any) -> Tensor:
+        """The teacher's supervised loss on the current batch (see ``teacher_loss``); sets ``_teacher_acc``."""
         batch = self._batch
-        if callable(self.teacher_loss):
-            loss = self.teacher_loss(teacher_out, batch)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(f"ProgressiveKernelDistillation: teacher_loss must return a scalar tensor, got "
-                                 f"{_describe(loss)}")
-            return loss.reshape(())
-        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+        self._teacher_acc = _label_accuracy(teacher_out, batch)
         kind = self.teacher_loss
-        if kind == "auto":
-            kind = _infer_teacher_loss(teacher_out, target)
-        if not isinstance(teacher_out, Tensor) or not isinstance(target, Tensor):
-            raise ValueError(f"ProgressiveKernelDistillation(teacher_loss={kind!r}) needs batch = (input, target, ...) "
-                             f"and a tensor output; got target {_describe(target)} and output "
-                             f"{_describe(teacher_out)}. Pass teacher_loss=callable(teacher_output, batch)")
-        if kind == "cross_entropy":
-            self._teacher_acc = (teacher_out.detach().argmax(dim=1) == target).float().mean()
-            return F.cross_entropy(teacher_out, target)
-        return F.l1_loss(teacher_out, target) if kind == "l1" else F.mse_loss(teacher_out, target)
+        if callable(kind):
+            loss, source = kind(teacher_out, batch), "teacher_loss"
+        elif kind == "auto":
+            loss, source = pl_module.task_loss(teacher_out, batch), f"{type(pl_module).__name__}.task_loss"
+            if loss is None:
+                raise _no_task_loss(pl_module, "it returned None for this batch")
+        else:
+            target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+            if not isinstance(teacher_out, Tensor) or not isinstance(target, Tensor):
+                raise ValueError(f"ProgressiveKernelDistillation(teacher_loss={kind!r}) needs batch = (input, target, "
+                                 f"...) and a tensor output; got target {_describe(target)} and output "
+                                 f"{_describe(teacher_out)}. Use teacher_loss='auto' (the task's own loss) or "
+                                 "teacher_loss=callable(teacher_output, batch)")
+            losses = {"cross_entropy": F.cross_entropy, "l1": F.l1_loss, "mse": F.mse_loss}
+            return losses[kind](teacher_out, target)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"ProgressiveKernelDistillation: {source} must return a scalar tensor, got "
+                             f"{_describe(loss)}")
+        return loss.reshape(())
 
     def _output_kind(self, output: Any) -> str:
         if self.output_loss != "auto":
@@ -575,16 +590,32 @@ def _converted_names(trainer: pl.Trainer) -> list[str] | None:
     return names or None
 
 
-def _infer_teacher_loss(output: Any, target: Any) -> str:
-    if isinstance(output, Tensor) and isinstance(target, Tensor):
-        if output.dim() == 2 and target.dim() == 1 and not target.is_floating_point():
-            return "cross_entropy"
-        if target.is_floating_point() and target.shape == output.shape:
-            return "l1"
-    raise ValueError(f"ProgressiveKernelDistillation: cannot infer the teacher's loss from output "
-                     f"{_describe(output)} and batch target {_describe(target)} (known: integer class labels with "
-                     "(N, classes) logits -> cross-entropy; a float target shaped like the output -> L1). Pass "
-                     "teacher_loss=callable(teacher_output, batch), or a trained teacher with train_teacher=False")
+def _no_task_loss(pl_module: pl.LightningModule, why: str) -> ValueError:
+    name = type(pl_module).__name__
+    return ValueError(f"ProgressiveKernelDistillation(teacher_loss='auto') trains the teacher with the task's own "
+                      f"loss, {name}.task_loss(output, batch), but {why}. Implement {name}.task_loss (the "
+                      "EffnetsTaskMixin contract: the task's training loss of a model output for a batch; the "
+                      "package's tasks all do), or pass teacher_loss='cross_entropy' | 'l1' | 'mse' | "
+                      "callable(teacher_output, batch), or a trained teacher with train_teacher=False")
+
+
+def _check_task_loss(pl_module: pl.LightningModule) -> None:
+    """Raise if the task cannot give the teacher a loss: no contract method, or the mixin's default (no loss)."""
+    method = getattr(type(pl_module), "task_loss", None)
+    if method is None:
+        raise _no_task_loss(pl_module, "it has no task_loss method (it does not mix in EffnetsTaskMixin)")
+    if method is EffnetsTaskMixin.task_loss:
+        raise _no_task_loss(pl_module, "it does not implement it (EffnetsTaskMixin's default returns None: the task "
+                                       "exposes no loss)")
+
+
+def _label_accuracy(output: Any, batch: Any) -> Tensor | None:
+    """Top-1 accuracy when ``batch = (input, integer labels [N], ...)`` and ``output`` is ``(N, classes)`` logits."""
+    target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+    if (isinstance(output, Tensor) and isinstance(target, Tensor) and output.dim() == 2 and target.dim() == 1
+            and output.is_floating_point() and not target.is_floating_point() and len(target) == len(output)):
+        return (output.detach().argmax(dim=1) == target).float().mean()
+    return None
 
 
 def _batch_size(args: tuple[Any, ...]) -> int:

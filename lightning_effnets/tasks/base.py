@@ -10,6 +10,8 @@ Every task module mixes in :class:`EffnetsTaskMixin`. Methods (callbacks) rely o
   regularisers). The task adds :meth:`pop_auxiliary_loss` to its own loss, which also logs every term.
 * :meth:`side_information` -- optional per-batch information a method may need before the forward
   (for example the camera ids of a re-identification batch).
+* :meth:`task_loss` -- the task's supervised loss of a model output for a batch, so a method can train a second
+  network (a distillation teacher) with the task's own objective.
 * :meth:`output_modules` -- the layers whose output shape defines the task (classifier, box head,
   upsampler); structural methods must leave their output channels unchanged.
 
@@ -162,6 +164,20 @@ class EffnetsTaskMixin:
         Tasks override this, e.g. ``{"camera_ids": LongTensor[B]}`` for re-identification.
         """
         return {}
+
+    # ----------------------------------------------------------------- task loss
+    def task_loss(self, output: Any, batch: Any) -> Tensor | None:
+        """The task's supervised training loss (a scalar) of ``output = self.model(*inputs)`` for ``batch``,
+        without the auxiliary losses; ``None`` (this default) means the task exposes no loss.
+
+        Tasks compute their own training loss through it, so the loss has one definition per task, and methods
+        can train another network of the same interface with the task's objective: progressive kernel
+        distillation trains its CNN teacher on ``task_loss(teacher(*inputs), batch)``. ``batch`` is the batch
+        ``training_step`` receives (already checked by the task, which reports malformed batches); ``output`` may
+        come from a network other than ``self.model``. It must not log or keep state: a method may call it on
+        another network's output in the middle of a training step.
+        """
+        return None
 
     # ----------------------------------------------------------------- structure
     def output_modules(self) -> list[nn.Module]:

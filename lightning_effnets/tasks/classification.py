@@ -95,12 +95,16 @@ class ImageClassifier(EffnetsTaskMixin, pl.LightningModule):
                     f"{type(datamodule).__name__}.{attr} = {expected}. Set model {attr}: {expected} "
                     f"(YAML: model.init_args.{attr}).")
 
+    def task_loss(self, output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Cross-entropy (with ``label_smoothing``) of the logits ``output`` against the batch labels."""
+        return F.cross_entropy(output, batch[1], label_smoothing=self.hparams.label_smoothing)
+
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, targets = batch
         if targets.numel() and (int(targets.max()) >= self.hparams.num_classes or int(targets.min()) < 0):
             raise ValueError(f"label {int(targets.max())} is outside [0, num_classes={self.hparams.num_classes})")
         logits = self(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        loss = self.task_loss(logits, batch)
         for name in ("acc", "acc_top5"):
             metric = self.metrics[f"{stage}_{name}"]
             metric(logits, targets)

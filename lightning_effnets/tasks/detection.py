@@ -370,7 +370,10 @@ class ObjectDetector(EffnetsTaskMixin, pl.LightningModule):
                 raise ValueError(f"{name}: label {int(lab[wrong][0])} is outside [0, num_classes="
                                  f"{self.hparams.num_classes}); set model num_classes to the data's class count")
 
-    def _losses(self, outputs: list[Tensor], targets: list[DetectionTarget]) -> dict[str, Tensor]:
+    def _loss_terms(self, outputs: list[Tensor], batch: tuple[Tensor, list[DetectionTarget]]
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The FCOS loss (sum of its terms) and the terms ``cls``, ``box``, ``ctr`` (:func:`fcos_loss`)."""
+        targets = batch[1]
         cls_logits, distances, centerness, points, strides, ranges = self._flatten(outputs)
         gt_boxes, gt_labels, matched = [], [], []
         for t in targets:
@@ -379,9 +382,14 @@ class ObjectDetector(EffnetsTaskMixin, pl.LightningModule):
             gt_boxes.append(boxes)
             gt_labels.append(labels)
             matched.append(fcos_assign(points, strides, ranges, boxes, self.hparams.center_sampling_radius))
-        return fcos_loss(cls_logits.float(), distances.float(), centerness.float(), points, strides,
-                         torch.stack(matched), gt_boxes, gt_labels, self.hparams.focal_alpha,
-                         self.hparams.focal_gamma)
+        terms = fcos_loss(cls_logits.float(), distances.float(), centerness.float(), points, strides,
+                          torch.stack(matched), gt_boxes, gt_labels, self.hparams.focal_alpha,
+                          self.hparams.focal_gamma)
+        return terms["cls"] + terms["box"] + terms["ctr"], terms
+
+    def task_loss(self, output: list[Tensor], batch: tuple[Tensor, list[DetectionTarget]]) -> Tensor:
+        """The FCOS loss of the raw head maps ``output`` for the batch's boxes (focal + GIoU + centre-ness)."""
+        return self._loss_terms(output, batch)[0]
 
     def decode(self, outputs: list[Tensor], image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         """Raw head maps -> one detections dict (``boxes``, ``scores``, ``labels``) per image."""
@@ -406,8 +414,7 @@ class ObjectDetector(EffnetsTaskMixin, pl.LightningModule):
         images, targets = batch
         self._check_targets(images, targets)
         outputs = self.model(images)
-        terms = self._losses(outputs, targets)
-        loss = terms["cls"] + terms["box"] + terms["ctr"]
+        loss, terms = self._loss_terms(outputs, batch)
         on_step = stage == "train"
         batch_size = images.shape[0]
         for name, value in terms.items():

@@ -471,10 +471,11 @@ class ReferringExpressionGrounder(EffnetsTaskMixin, pl.LightningModule):
             raise ValueError(f"samples {empty[:8]} of the batch have no words (all tokens are padding)")
 
     # ---------------------------------------------------------------- steps
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        self._check_batch(batch)
+    def _loss_terms(self, raw: Tensor, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss and its unweighted terms: ``cls`` (softmax over all cells x anchors, the target's
+        cell and best-shaped anchor is the positive), ``box`` (smooth L1 of its box parameters) and ``giou``
+        (GIoU loss of its decoded box); loss = cls + box_weight * box + giou_weight * giou."""
         boxes = batch["boxes"].float()
-        raw = self(batch["images"], batch["tokens"])
         scores, candidates = decode_boxes(raw, self.anchors, self.model.stride)
         index, raw_target = encode_targets(boxes, self.anchors, self.model.stride, tuple(raw.shape[-2:]))
         rows = torch.arange(len(index), device=index.device)
@@ -484,11 +485,22 @@ class ReferringExpressionGrounder(EffnetsTaskMixin, pl.LightningModule):
         box_loss = F.smooth_l1_loss(torch.cat([positive[:, :2].sigmoid(), positive[:, 2:4]], dim=1), raw_target)
         giou_loss = generalized_box_iou_loss(candidates[rows, index], boxes, reduction="mean")
         loss = cls_loss + self.hparams.box_weight * box_loss + self.hparams.giou_weight * giou_loss
+        return loss, {"cls": cls_loss, "box": box_loss, "giou": giou_loss}
+
+    def task_loss(self, output: Tensor, batch: dict[str, Any]) -> Tensor:
+        """The grounding loss of the raw head map ``output`` for the batch's target boxes (see
+        :meth:`_loss_terms`)."""
+        return self._loss_terms(output, batch)[0]
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> tuple[Tensor, Tensor, Tensor]:
+        self._check_batch(batch)
+        raw = self(batch["images"], batch["tokens"])
+        loss, terms = self._loss_terms(raw, batch)
         preds, _ = self.predict_boxes(raw)
-        self.metrics[f"{stage}_grounding"].update(preds.detach(), boxes)
+        self.metrics[f"{stage}_grounding"].update(preds.detach(), batch["boxes"].float())
         on_step = stage == "train"
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/loss_cls": cls_loss, f"{stage}/loss_box": box_loss,
-                       f"{stage}/loss_giou": giou_loss}, on_step=on_step, on_epoch=True, batch_size=b)
+        self.log_dict({f"{stage}/loss": loss, **{f"{stage}/loss_{name}": value for name, value in terms.items()}},
+                      on_step=on_step, on_epoch=True, batch_size=raw.shape[0])
         return loss, preds, raw
 
     def _log_metrics(self, stage: str) -> None:

@@ -235,6 +235,19 @@ class PersonReID(EffnetsTaskMixin, pl.LightningModule):
         return output.embeddings if self.hparams.neck_feature == "after" else output.features
 
     # ----------------------------------------------------------------- training
+    def _loss_terms(self, output: ReIDOutput, labels: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``id_loss_weight * ID + triplet_loss_weight * triplet`` and the unweighted ``(ID, triplet)`` terms: the
+        identity cross-entropy (label-smoothed) of the logits and the batch-hard triplet loss of the features
+        before the BNNeck."""
+        id_loss = F.cross_entropy(output.logits, labels, label_smoothing=self.hparams.label_smoothing)
+        triplet = batch_hard_triplet_loss(output.features, labels, self.hparams.triplet_margin)
+        loss = self.hparams.id_loss_weight * id_loss + self.hparams.triplet_loss_weight * triplet
+        return loss, (id_loss, triplet)
+
+    def task_loss(self, output: ReIDOutput, batch: Any) -> Tensor:
+        """The re-id training loss of a :class:`ReIDOutput` for the batch's person ids (see :meth:`_loss_terms`)."""
+        return self._loss_terms(output, unpack_reid_batch(batch).person_ids)[0]
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         data = unpack_reid_batch(batch)
         labels = data.person_ids
@@ -244,9 +257,7 @@ class PersonReID(EffnetsTaskMixin, pl.LightningModule):
             raise ValueError(f"training person id {int(labels[outside][0])} is outside [0, num_classes={num_classes}); "
                              "training ids must be relabelled to class indices (the ReID datamodules do this)")
         out = self.model(data.images)
-        id_loss = F.cross_entropy(out.logits, labels, label_smoothing=self.hparams.label_smoothing)
-        triplet = batch_hard_triplet_loss(out.features, labels, self.hparams.triplet_margin)
-        loss = self.hparams.id_loss_weight * id_loss + self.hparams.triplet_loss_weight * triplet
+        loss, (id_loss, triplet) = self._loss_terms(out, labels)
         self.train_acc(out.logits.detach(), labels)
         self.log("train/id_loss", id_loss, on_step=False, on_epoch=True)
         self.log("train/triplet_loss", triplet, on_step=False, on_epoch=True)

@@ -238,10 +238,14 @@ class SuperResolver(EffnetsTaskMixin, pl.LightningModule):
         images = quantize_8bit(images)
         return shave(rgb_to_y(images) if self.hparams.y_channel else images, self.border)
 
+    def task_loss(self, output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """L1 between the super-resolved ``output`` and the HR images (EDSR's training loss)."""
+        return F.l1_loss(output, batch[1])
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         lr, hr = batch
         self._check_pair(lr, hr)
-        loss = F.l1_loss(self(lr), hr)
+        loss = self.task_loss(self(lr), batch)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss + self.pop_auxiliary_loss(loss)
 
@@ -249,7 +253,7 @@ class SuperResolver(EffnetsTaskMixin, pl.LightningModule):
         lr, hr = batch
         self._check_pair(lr, hr)
         sr = self(lr)
-        self.log(f"{stage}/loss", F.l1_loss(sr, hr), on_step=False, on_epoch=True, batch_size=lr.shape[0])
+        self.log(f"{stage}/loss", self.task_loss(sr, batch), on_step=False, on_epoch=True, batch_size=lr.shape[0])
         bicubic = bicubic_upsample(lr, self.scale)
         target = self._score_input(hr)
         if min(target.shape[-2:]) < 11:  # SSIM's 11x11 Gaussian window
