@@ -67,6 +67,12 @@ class ChannelPruning(pl.Callback):
         layer_ratios: ``{name or pattern: ratio}`` overrides.
         global_pruning: rank all groups together (default: True for slimming, False otherwise).
         max_layer_ratio: largest fraction removed from one group in global mode / MACs search.
+        group_norm: how GroupNorm layers (arXiv:1803.08494) are pruned. ``"keep_groups"`` (default, Torch-Pruning's
+            convention): ``num_groups`` stays and channels leave every group evenly, so groups get smaller
+            (GroupNorm(32, 64) halved is GroupNorm(32, 32), i.e. instance norm). ``"keep_group_size"``: whole groups
+            of ``C/num_groups`` contiguous channels are ranked (mean score of their channels) and removed, so
+            ``num_groups`` shrinks and each channel keeps the statistics it was trained with (GroupNorm(16, 32));
+            widths become multiples of ``lcm(round_to, group size)``.
         latency_repeats: forwards timed for the before/after latency (0 = do not measure).
         print_table: print a rich table after every step (rank 0).
     """
@@ -85,11 +91,12 @@ class ChannelPruning(pl.Callback):
         layer_ratios: Mapping[str, float] | None = None,
         global_pruning: bool | None = None,
         max_layer_ratio: float = 0.9,
+        group_norm: str = "keep_groups",
         latency_repeats: int = 10,
         print_table: bool = True,
     ) -> None:
         self.pruner = StructuredPruner(criterion, ratio, macs_target, ignored_layers, round_to, layer_ratios,
-                                       global_pruning, max_layer_ratio)
+                                       global_pruning, max_layer_ratio, group_norm)
         self.schedule = PruningSchedule(start_epoch, end_epoch, steps)
         if not isinstance(sparsity, (int, float)) or sparsity < 0:
             raise ValueError(f"sparsity must be >= 0, got {sparsity!r}")

@@ -5,6 +5,15 @@ that must go with it (the BN after a conv, the next conv's input columns, every 
 inputs of a concatenation, depthwise convs). This module builds that graph with the project's layer registry,
 restores the train/eval mode that tracing changes, and turns Torch-Pruning groups into plain
 :class:`ChannelItem` lists that importance criteria read without touching Torch-Pruning internals.
+
+GroupNorm (arXiv:1803.08494) can be pruned two ways (``group_norm``):
+
+* ``"keep_groups"`` (Torch-Pruning's convention, the default): ``num_groups`` stays and every group loses the same
+  number of channels, so the group size shrinks. Halving GroupNorm(32, 64) gives GroupNorm(32, 32), one channel
+  per group: instance normalisation, which discards each channel's per-image scale.
+* ``"keep_group_size"``: whole groups are removed, so ``num_groups`` shrinks and the group size (the statistic
+  each channel is normalised with) stays: GroupNorm(32, 64) halved is GroupNorm(16, 32). The unit ranked and
+  removed is a block of ``C/num_groups`` contiguous channels (:attr:`PrunableGroup.block`).
 """
 
 from __future__ import annotations
@@ -20,10 +29,22 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_effnets.pruning.layers import layer_kind, registered_layers
+from lightning_effnets.pruning.layers import GroupNormPruner, layer_kind, registered_layers
 
-__all__ = ["ChannelItem", "PrunableGroup", "build_graph", "forward", "prunable_groups", "resolve_modules",
-           "root_module_types"]
+__all__ = ["GROUP_NORM_MODES", "ChannelItem", "PrunableGroup", "build_graph", "check_group_norm_mode", "forward",
+           "prunable_groups", "resolve_modules", "root_module_types"]
+
+#: how pruning treats GroupNorm (see module docstring)
+GROUP_NORM_MODES = ("keep_groups", "keep_group_size")
+
+
+def check_group_norm_mode(value: Any) -> str:
+    """``value`` if it is one of :data:`GROUP_NORM_MODES`, else a ValueError naming the choices."""
+    if value not in GROUP_NORM_MODES:
+        raise ValueError(f"group_norm must be 'keep_groups' (num_groups stays, every group loses channels evenly; "
+                         f"Torch-Pruning's convention) or 'keep_group_size' (whole groups are removed, channels per "
+                         f"group stay), got {value!r}")
+    return str(value)
 
 
 def forward(model: nn.Module, example_input: Any) -> Any:
@@ -45,14 +66,16 @@ def build_graph(model: nn.Module, example_input: Any) -> tp.DependencyGraph:
     """Trace ``model`` into a Torch-Pruning ``DependencyGraph`` that knows the registered layers.
 
     Tracing runs one forward in eval mode with autograd on (Torch-Pruning reads the autograd graph); the
-    model's train/eval mode is restored afterwards.
+    model's train/eval mode is restored afterwards. ``nn.GroupNorm`` gets :class:`GroupNormPruner`, which
+    updates ``num_groups`` when whole groups are removed (both GroupNorm conventions, see module docstring).
     """
-    customized = {t: s.pruner for t, s in registered_layers().items() if s.pruner is not None}
+    customized: dict[type[nn.Module], Any] = {nn.GroupNorm: GroupNormPruner()}
+    customized.update({t: s.pruner for t, s in registered_layers().items() if s.pruner is not None})
     modes = {m: m.training for m in model.modules()}
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input, forward_fn=forward, customized_pruners=customized or None,
+                model, example_inputs=example_input, forward_fn=forward, customized_pruners=customized,
                 verbose=False)
     finally:
         for module, training in modes.items():
@@ -81,11 +104,19 @@ class PrunableGroup:
     channel_groups: int  # >1 for grouped convs / GroupNorm: channels are removed evenly from every group
     items: list[ChannelItem]
     members: list[str]  # layers whose output channels the group removes
+    #: contiguous slots removed together (GroupNorm group size with ``group_norm="keep_group_size"``, else 1)
+    block: int = 1
 
     @property
     def slots(self) -> int:
-        """Channels per channel group: what importance is ranked over."""
+        """Channels per channel group."""
         return self.channels // self.channel_groups
+
+    @property
+    def units(self) -> int:
+        """What importance is ranked over: blocks of ``block`` contiguous slots (one slot when ``block == 1``).
+        Unit ``u`` is channels ``g * slots + u * block + j`` for every channel group ``g`` and ``j < block``."""
+        return self.slots // self.block
 
 
 def _head_counts(graph: tp.DependencyGraph) -> dict[int, int]:
@@ -105,13 +136,17 @@ def _head_counts(graph: tp.DependencyGraph) -> dict[int, int]:
     return counts
 
 
-def _channel_groups(graph: tp.DependencyGraph, group: Any, heads: dict[int, int] | None = None) -> int:
+def _channel_groups(graph: tp.DependencyGraph, group: Any, heads: dict[int, int] | None = None,
+                    group_norm: str = "keep_groups") -> int:
     """Channel grouping the group's layers need (Torch-Pruning's convention; depthwise excluded): the largest
-    grouped-layer count, combined (lcm) with the head count of attention projections (:func:`_head_counts`)."""
+    grouped-layer count, combined (lcm) with the head count of attention projections (:func:`_head_counts`).
+    With ``group_norm="keep_group_size"`` GroupNorm layers add no grouping here (see :func:`_group_norm_block`)."""
     result = 1
     for dep, _ in group:
         module = dep.target.module
         if not isinstance(module, nn.Module):
+            continue
+        if group_norm == "keep_group_size" and isinstance(module, nn.GroupNorm):
             continue
         if heads and id(module) in heads:
             result = math.lcm(result, heads[id(module)])
@@ -126,6 +161,27 @@ def _channel_groups(graph: tp.DependencyGraph, group: Any, heads: dict[int, int]
             count = pruner.get_in_channel_groups(module)
         result = math.lcm(result, int(count or 1))
     return result
+
+
+def _group_norm_block(group: Any, slots: int) -> int | None:
+    """Slots removed together so that every GroupNorm of the group loses whole groups (``"keep_group_size"``):
+    the lcm of their group sizes. None when a GroupNorm's groups do not line up with the root's units: its channels
+    are not the root's shifted by a multiple of the group size (e.g. a concatenation at an unaligned offset), or
+    the group size does not divide the channels per channel group."""
+    block = 1
+    for item in group:
+        module = item.dep.target.module
+        if not isinstance(module, nn.GroupNorm):
+            continue
+        size = int(module.num_channels) // int(module.num_groups)
+        root_idxs = item.root_idxs
+        if root_idxs is None or any(r is None for r in root_idxs):
+            return None
+        offsets = {int(i) - int(r) for i, r in zip(item.idxs, root_idxs)}
+        if len(offsets) != 1 or next(iter(offsets)) % size:
+            return None
+        block = math.lcm(block, size)
+    return block if slots % block == 0 else None
 
 
 def _items(graph: tp.DependencyGraph, group: Any) -> list[ChannelItem]:
@@ -186,8 +242,14 @@ def _root_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterato
             yield group
 
 
-def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module] = ()) -> Iterator[PrunableGroup]:
-    """Every group whose root is a conv/linear layer and that changes no ignored layer's output channels."""
+def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module] = (), group_norm: str = "keep_groups"
+                    ) -> Iterator[PrunableGroup]:
+    """Every group whose root is a conv/linear layer and that changes no ignored layer's output channels.
+
+    ``group_norm`` (:data:`GROUP_NORM_MODES`) chooses how GroupNorm layers constrain the removed channels; with
+    ``"keep_group_size"`` a group whose GroupNorm groups cannot be removed whole is left unpruned with a warning.
+    """
+    group_norm = check_group_norm_mode(group_norm)
     ignored_list = list(ignored)
     names = graph._module2name
     custom = tuple(t for t, s in registered_layers().items() if s.pruner is not None)
@@ -203,11 +265,21 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module] = ()
         members = [names[dep.target.module] for dep, _ in group
                    if isinstance(dep.target.module, nn.Module) and graph.is_out_channel_pruning_fn(dep.handler)
                    and dep.target.module in names]
-        ch_groups = _channel_groups(graph, group, heads)
+        ch_groups = _channel_groups(graph, group, heads, group_norm)
         if channels % ch_groups:
             continue
+        block = 1
+        if group_norm == "keep_group_size":
+            found = _group_norm_block(group, int(channels) // ch_groups)
+            if found is None:
+                warnings.warn(f"channel pruning leaves {names[root]!r} unpruned: with group_norm='keep_group_size' "
+                              "the GroupNorm groups its channels reach cannot be removed whole (they are not aligned "
+                              "with its channels); use group_norm='keep_groups' or add it to ignored_layers",
+                              stacklevel=2)
+                continue
+            block = found
         yield PrunableGroup(root=names[root], channels=int(channels), channel_groups=ch_groups,
-                            items=_items(graph, group), members=members)
+                            items=_items(graph, group), members=members, block=block)
 
 
 def resolve_modules(model: nn.Module, layers: Iterable[str | nn.Module | type] | None) -> list[nn.Module]:

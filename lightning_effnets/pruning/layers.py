@@ -29,7 +29,7 @@ from torch_pruning.pruner.function import BasePruningFunc, ConvPruner, LinearPru
 
 __all__ = ["LayerKind", "LayerSupport", "register_layer", "registered_layers", "layer_kind", "channel_rows",
            "ConvLikePruner", "ScaledConvPruner", "ScaledLinearPruner",
-           "CameraBatchNormPruner"]
+           "CameraBatchNormPruner", "GroupNormPruner"]
 
 LayerKind = Literal["conv", "linear", "norm"]
 
@@ -180,6 +180,62 @@ class CameraBatchNormPruner(BasePruningFunc):
 
     def get_in_channels(self, layer: nn.Module) -> int:
         return int(layer.num_features)
+
+
+class GroupNormPruner(BasePruningFunc):
+    """``nn.GroupNorm`` whose ``num_groups`` follows the channels that were removed.
+
+    Torch-Pruning's own GroupNorm pruner keeps ``num_groups`` and only shrinks ``num_channels``, which is right
+    only when every group loses the same number of channels. This one reads which convention the removed
+    channels follow (they are root-channel decisions of :mod:`lightning_effnets.pruning.planning`, so it is
+    always one of the two) and sets ``num_groups`` accordingly:
+
+    * every group loses the same number of channels (``group_norm="keep_groups"``): ``num_groups`` stays;
+    * whole groups (blocks of ``C/num_groups`` contiguous channels) are removed (``group_norm="keep_group_size"``):
+      ``num_groups`` shrinks by the number of removed groups, so the group size stays.
+
+    No removal is both (that would empty the layer), so a recorded step replays to the same ``num_groups``
+    without knowing the option it was planned with. Any other removal would leave channels that do not divide
+    into groups and is an error.
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        channels, groups = int(layer.num_channels), int(layer.num_groups)
+        size = channels // groups
+        removed = sorted(set(int(i) for i in idxs))
+        per_group: dict[int, int] = {}
+        for i in removed:
+            per_group[i // size] = per_group.get(i // size, 0) + 1
+        if removed and all(n == size for n in per_group.values()):
+            new_groups = groups - len(per_group)
+        elif not removed or (len(per_group) == groups and len(set(per_group.values())) == 1):
+            new_groups = groups
+        else:
+            raise ValueError(f"GroupNorm({groups}, {channels}): removing channels {removed[:16]} neither removes "
+                             f"whole groups of {size} channels nor the same number from every group, so the "
+                             "remaining channels cannot be grouped; prune it with group_norm='keep_groups' or "
+                             "'keep_group_size'")
+        keep = _keep(channels, removed)
+        if layer.affine:
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.num_channels = len(keep)
+        layer.num_groups = new_groups
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.num_channels)
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return int(layer.num_channels)
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return int(layer.num_groups)
+
+    def get_in_channel_groups(self, layer: nn.Module) -> int:
+        return int(layer.num_groups)
 
 
 class ScaledConvPruner(ConvPruner):

@@ -5,6 +5,12 @@ reaches exactly the width a one-shot run would: after step ``k`` of ``n`` a grou
 keeps ``floor(C0 * (1 - ratio * k/n))``, rounded up to a multiple of ``round_to``. Local pruning ranks channels
 within each group; global pruning ranks all groups together (network slimming's single threshold). A MACs budget
 is met by bisection on the ratio, each trial pruning a copy of the model and counting its MACs.
+
+Widths are counted in *slots* (channels per channel group; a channel for ungrouped layers). With
+``group_norm="keep_group_size"`` a group's ranked unit is a block of ``PrunableGroup.block`` contiguous slots
+(one GroupNorm group); its importance is the *mean* of its channels' scores, and kept widths are rounded up to a
+multiple of ``lcm(round_to, block)`` (to ``block`` alone for a layer narrower than that), so they stay whole
+groups and multiples of ``round_to``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ Decision = tuple[str, list[int]]
 class ScoredGroup:
     group: PrunableGroup
     initial: int  # root channels before any pruning
-    importance: Tensor  # one score per slot (channels / channel_groups), higher = keep
+    importance: Tensor  # one score per unit (group.units blocks of group.block slots), higher = keep
     ratio: float | None  # per-layer override of the ratio (at the final step), None = default
 
 
@@ -58,27 +64,33 @@ def score_groups(groups: Sequence[PrunableGroup], score: Callable[[PrunableGroup
             raise RuntimeError(f"criterion returned {scores.numel()} scores for group {group.root!r} with "
                                f"{group.channels} channels")
         scores = torch.nan_to_num(scores.detach().float().cpu(), nan=0.0)
-        per_slot = scores.view(group.channel_groups, group.slots).mean(0)
+        per_unit = scores.view(group.channel_groups, group.units, group.block).mean((0, 2))
         scored.append(ScoredGroup(group=group, initial=int(initial_channels.get(group.root, group.channels)),
-                                  importance=per_slot, ratio=layer_ratio(group, layer_ratios)))
+                                  importance=per_unit, ratio=layer_ratio(group, layer_ratios)))
     return scored
 
 
-def _kept_slots(initial_slots: int, ratio: float, round_to: int | None) -> int:
-    """Width after removing ``ratio`` of ``initial_slots``; with ``round_to`` rounded *up* to a multiple of it
-    (never removing more than asked, as Torch-Pruning and the global path do), capped at the original width."""
+def _kept_slots(initial_slots: int, ratio: float, round_to: int | None, block: int = 1) -> int:
+    """Width after removing ``ratio`` of ``initial_slots``; rounded *up* (never removing more than asked, as
+    Torch-Pruning and the global path do) to a multiple of ``lcm(round_to, block)``, or of ``block`` alone when
+    the layer is narrower than that, and capped at the original width."""
     keep = math.floor(initial_slots * (1.0 - ratio) + 1e-6)
-    if round_to and initial_slots >= round_to:
-        keep = min(initial_slots, math.ceil(keep / round_to) * round_to)
-    return max(keep, 1)
+    step = math.lcm(round_to or 1, block)
+    if initial_slots < step:
+        step = block
+    if step > 1:
+        keep = min(initial_slots, math.ceil(keep / step) * step)
+    return max(keep, block)
 
 
 def _indices(scored: ScoredGroup, n_remove: int) -> list[int]:
+    """Channels of the ``n_remove`` least important units, in every channel group."""
     if n_remove <= 0:
         return []
     order = torch.argsort(scored.importance, stable=True)[:n_remove].tolist()
-    slots = scored.group.slots
-    return sorted(s + g * slots for g in range(scored.group.channel_groups) for s in order)
+    slots, block = scored.group.slots, scored.group.block
+    return sorted(g * slots + u * block + j for g in range(scored.group.channel_groups) for u in order
+                  for j in range(block))
 
 
 def select_channels(scored: Sequence[ScoredGroup], ratio: float, *, fraction: float = 1.0,
@@ -97,8 +109,8 @@ def select_channels(scored: Sequence[ScoredGroup], ratio: float, *, fraction: fl
             pooled.append(s)
             continue
         target = (s.ratio if s.ratio is not None else ratio) * fraction
-        keep = _kept_slots(s.initial // s.group.channel_groups, target, round_to)
-        idxs = _indices(s, s.group.slots - min(keep, s.group.slots))
+        keep = _kept_slots(s.initial // s.group.channel_groups, target, round_to, s.group.block)
+        idxs = _indices(s, (s.group.slots - min(keep, s.group.slots)) // s.group.block)
         if idxs:
             decisions.append((s.group.root, idxs))
     if not pooled:
@@ -107,24 +119,29 @@ def select_channels(scored: Sequence[ScoredGroup], ratio: float, *, fraction: fl
     initial_total = sum(s.initial // s.group.channel_groups for s in pooled)
     current_total = sum(s.group.slots for s in pooled)
     to_remove = current_total - math.floor(initial_total * (1.0 - ratio * fraction) + 1e-6)
-    floors = [max(1, math.ceil((s.initial // s.group.channel_groups) * (1.0 - max_layer_ratio) - 1e-6)) for s in pooled]
+    floors = [s.group.block * max(1, math.ceil((s.initial // s.group.channel_groups) * (1.0 - max_layer_ratio)
+                                                / s.group.block - 1e-6)) for s in pooled]
     candidates = []
     for gi, s in enumerate(pooled):
         imp = s.importance / s.importance.mean().clamp(min=1e-12) if normalize else s.importance
-        candidates += [(float(v), gi, slot) for slot, v in enumerate(imp.tolist())]
+        candidates += [(float(v), gi, unit) for unit, v in enumerate(imp.tolist())]
     candidates.sort()
-    removed: list[list[int]] = [[] for _ in pooled]
-    for _, gi, slot in candidates:
+    removed = [0 for _ in pooled]  # units removed per group; a unit is `block` slots
+    for _, gi, _ in candidates:
         if to_remove <= 0:
             break
-        if pooled[gi].group.slots - len(removed[gi]) > floors[gi]:
-            removed[gi].append(slot)
-            to_remove -= 1
+        block = pooled[gi].group.block
+        if block > to_remove:  # a whole group would overshoot the budget (kept widths round up, as locally)
+            continue
+        if pooled[gi].group.slots - (removed[gi] + 1) * block >= floors[gi]:
+            removed[gi] += 1
+            to_remove -= block
     for gi, s in enumerate(pooled):
-        n = len(removed[gi])
+        n, block = removed[gi], s.group.block
         if round_to and n:  # round the kept width up to a multiple of round_to (never prune more than ranked)
-            kept = min(s.group.slots, math.ceil((s.group.slots - n) / round_to) * round_to)
-            n = s.group.slots - kept
+            step = math.lcm(round_to, block)
+            kept = min(s.group.slots, math.ceil((s.group.slots - n * block) / step) * step)
+            n = (s.group.slots - kept) // block
         idxs = _indices(s, n)
         if idxs:
             decisions.append((s.group.root, idxs))

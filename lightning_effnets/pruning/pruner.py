@@ -15,7 +15,8 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_effnets.cost import profile
-from lightning_effnets.pruning.graph import PrunableGroup, build_graph, forward, prunable_groups, resolve_modules
+from lightning_effnets.pruning.graph import (PrunableGroup, build_graph, check_group_norm_mode, forward,
+                                             prunable_groups, resolve_modules)
 from lightning_effnets.pruning.importance import Criterion, build_criterion
 from lightning_effnets.pruning.planning import Decision, score_groups, select_channels, solve_ratio
 from lightning_effnets.pruning.record import PruningRecord, attach_record, get_record, input_spec
@@ -55,8 +56,10 @@ class StructuredPruner:
         layer_ratios: Mapping[str, float] | None = None,
         global_pruning: bool | None = None,
         max_layer_ratio: float = 0.9,
+        group_norm: str = "keep_groups",
     ) -> None:
         self.criterion = build_criterion(criterion)
+        self.group_norm = check_group_norm_mode(group_norm)
         self.ratio = _check_ratio("ratio", ratio)
         if macs_target is not None and not (isinstance(macs_target, (int, float)) and 0.0 < macs_target <= 1.0):
             raise ValueError(f"macs_target must be in (0, 1] (the fraction of MACs to keep), got {macs_target!r}")
@@ -81,7 +84,7 @@ class StructuredPruner:
     def groups(self, model: nn.Module, graph: tp.DependencyGraph, protected: Sequence[nn.Module]
                ) -> list[PrunableGroup]:
         """Prunable groups the criterion can score; an error if there is none."""
-        groups = [g for g in prunable_groups(graph, protected) if self.criterion.can_score(g)]
+        groups = [g for g in prunable_groups(graph, protected, self.group_norm) if self.criterion.can_score(g)]
         if not groups:
             raise ValueError(
                 f"nothing to prune in {type(model).__name__}: no conv/linear layer has output channels that are "
@@ -207,6 +210,7 @@ def prune(
     layer_ratios: Mapping[str, float] | None = None,
     global_pruning: bool | None = None,
     max_layer_ratio: float = 0.9,
+    group_norm: str = "keep_groups",
 ) -> tuple[nn.Module, PruningRecord]:
     """Remove channels from ``model`` in place; return it and the replayable :class:`PruningRecord`.
 
@@ -221,13 +225,17 @@ def prune(
         macs_target: instead of ``ratio``, the fraction of MACs to keep, in (0, 1].
         ignored_layers: names / glob patterns (``"layer4.*"``), modules or types whose output channels stay.
         output_modules: layers defining the output (default: the last conv/linear layer); never narrowed.
-        round_to: keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths).
+        round_to: keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths); with
+            ``group_norm="keep_group_size"`` multiples of ``lcm(round_to, group size)``.
         layer_ratios: ``{name or pattern: ratio}`` overrides per layer.
         global_pruning: rank all groups together (default: the criterion's preference; slimming is global).
         max_layer_ratio: in global mode, the largest fraction removed from any one group.
+        group_norm: ``"keep_groups"`` (Torch-Pruning's convention: ``num_groups`` stays, every group loses
+            channels evenly) or ``"keep_group_size"`` (whole GroupNorm groups are removed, ranked by the mean
+            score of their channels; ``num_groups`` shrinks, channels per group stay; arXiv:1803.08494).
     """
     pruner = StructuredPruner(criterion, ratio, macs_target, ignored_layers, round_to, layer_ratios,
-                              global_pruning, max_layer_ratio)
+                              global_pruning, max_layer_ratio, group_norm)
     existing = get_record(model)
     if existing is not None and existing.steps:
         raise ValueError(f"{type(model).__name__} is already pruned ({len(existing.steps)} step(s)); ratios are "
