@@ -179,3 +179,17 @@ def test_callback_checkpoint_reloads_pruned_group_norms(tmp_path):
     loaded = GNTask.load_from_checkpoint(path).eval()
     assert _groups(loaded.model) == [(4, 8), (2, 8)] and get_record(loaded.model) == get_record(task.model)
     torch.testing.assert_close(loaded(x), expected)
+
+
+def test_detection_head_towers_keep_their_group_size():
+    from lightning_effnets.tasks import ObjectDetector
+
+    task = ObjectDetector(backbone="resnet10t", num_classes=4, in_chans=3, image_size=32, strides=[4, 8, 16],
+                          fpn_channels=64, head_convs=2, log_samples=0)
+    x = torch.zeros(1, 3, 32, 32)
+    prune(task.model, x, "l1", ratio=0.5, round_to=8, group_norm="keep_group_size",
+          output_modules=task.output_modules())
+    towers = [f"{head}.conv.{i}" for head in ("cls_head", "box_head") for i in (1, 4)]
+    assert [(task.model.get_submodule(n).num_groups, task.model.get_submodule(n).num_channels)
+            for n in towers] == [(16, 32)] * 4  # GroupNorm(32, 64) halved: 2 channels per group, as trained
+    assert {o.shape[1] for o in task.model(x)} == {4 + 5}  # every level's outputs keep their channels
