@@ -13,7 +13,8 @@ GroupNorm (arXiv:1803.08494) can be pruned two ways (``group_norm``):
   per group: instance normalisation, which discards each channel's per-image scale.
 * ``"keep_group_size"``: whole groups are removed, so ``num_groups`` shrinks and the group size (the statistic
   each channel is normalised with) stays: GroupNorm(32, 64) halved is GroupNorm(16, 32). The unit ranked and
-  removed is a block of ``C/num_groups`` contiguous channels (:attr:`PrunableGroup.block`).
+  removed is a block of ``C/num_groups`` contiguous channels (:attr:`PrunableGroup.block`); a GroupNorm with a
+  single group (layer norm over channels) therefore keeps all its channels.
 """
 
 from __future__ import annotations
